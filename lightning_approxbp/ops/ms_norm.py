@@ -1,0 +1,252 @@
+"""Memory-sharing LayerNorm / RMSNorm (MS-BP): backward from the output, not the input.
+
+A stock norm saves its input for backward while the layer it feeds saves the norm's output:
+two copies of one activation. These ops save the output ``y`` (the tensor the consumer keeps
+anyway) and one ``rstd`` per row, and compute the input gradient from them:
+
+- LayerNorm: ``dx = rstd * (dy_hat - mean(dy_hat) - x_hat * mean(dy_hat * x_hat))``
+- RMSNorm:   ``dx = rstd * (dy_hat - x_hat * mean(dy_hat * x_hat))``
+
+with ``x_hat`` the normalised value and ``dy_hat = dy * gamma``. Without affine parameters
+``x_hat = y`` and the formula is exact. With them, ``x_hat = (y - beta) / gamma`` is recovered
+from the output, ``gamma`` clamped away from zero with its sign kept; that recovery loses
+precision where ``|gamma|`` is small or ``beta`` dominates ``y`` (see docs/ms_norm.md).
+
+Statistics and the affine transform are computed in fp32 (fp64 for fp64 inputs) and the
+output is rounded once to the requested dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_approxbp.ops._utils import (
+    check_floating,
+    compute_dtype,
+    guard_double_backward,
+    requires_grad,
+    resolve_backend,
+)
+
+OP_NAME = "ms_norm"
+DEFAULT_WEIGHT_CLAMP = 1e-4
+
+
+def clamp_away_from_zero(weight: Tensor, minimum: float) -> Tensor:
+    """``sign(w) * max(|w|, minimum)`` with ``sign(0) = +1``: a divisor that is never zero."""
+    return torch.where(weight >= 0, weight.clamp(min=minimum), weight.clamp(max=-minimum))
+
+
+def _empty_like_optional(reference: Tensor | None, device: torch.device) -> Tensor:
+    # torch.library ops return tensors, not None: an empty tensor stands for "no gradient".
+    return torch.empty(0, device=device) if reference is None else torch.empty_like(reference)
+
+
+# ----------------------------------------------------------------------------- PyTorch path
+
+
+def _torch_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, centered: bool, offset: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    xf = x.to(compute_dtype(x.dtype))
+    if centered:
+        xf = xf - xf.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+    out = xf * rstd
+    if weight is not None:
+        out = out * (weight.to(out.dtype) + offset)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(out_dtype), rstd.squeeze(-1)
+
+
+def _torch_backward(
+    grad_output: Tensor,
+    y: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    centered: bool,
+    offset: float,
+    weight_clamp: float,
+    input_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dtype = rstd.dtype
+    dy = grad_output.to(dtype)
+    x_hat = y.to(dtype)
+    grad_weight = _empty_like_optional(weight, y.device)
+    grad_bias = _empty_like_optional(bias, y.device)
+    if bias is not None:
+        x_hat = x_hat - bias.to(dtype)
+        grad_bias = dy.sum(dim=0).to(bias.dtype)
+    if weight is not None:
+        gamma = weight.to(dtype) + offset
+        x_hat = x_hat / clamp_away_from_zero(gamma, weight_clamp)
+        grad_weight = (dy * x_hat).sum(dim=0).to(weight.dtype)
+        dy = dy * gamma
+    n_cols = y.shape[-1]
+    projection = (dy * x_hat).sum(dim=-1, keepdim=True) / n_cols
+    grad_input = dy - x_hat * projection
+    if centered:
+        grad_input = grad_input - dy.sum(dim=-1, keepdim=True) / n_cols
+    grad_input = grad_input * rstd.unsqueeze(-1)
+    return grad_input.to(input_dtype), grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+
+@torch.library.custom_op("approxbp::ms_norm_forward", mutates_args=())
+def ms_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    centered: bool,
+    offset: float,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Normalise the rows of a 2-D ``x``; returns (output in ``out_dtype``, rstd per row)."""
+    x = x.contiguous()
+    if x.numel() == 0:
+        rstd = torch.empty(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
+        return torch.empty(x.shape, dtype=out_dtype, device=x.device), rstd
+    if resolve_backend(x, OP_NAME) == "triton":
+        from lightning_approxbp.ops import ms_norm_triton
+
+        return ms_norm_triton.forward(x, weight, bias, eps, centered, offset, out_dtype)
+    return _torch_forward(x, weight, bias, eps, centered, offset, out_dtype)
+
+
+@ms_norm_forward.register_fake
+def _(x, weight, bias, eps, centered, offset, out_dtype):
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    return y, x.new_empty(x.shape[0], dtype=compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("approxbp::ms_norm_backward", mutates_args=())
+def ms_norm_backward(
+    grad_output: Tensor,
+    y: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    centered: bool,
+    offset: float,
+    weight_clamp: float,
+    input_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_input, grad_weight, grad_bias); absent parameters get empty tensors."""
+    grad_output = grad_output.contiguous()
+    if grad_output.numel() == 0:
+        grad_weight = torch.zeros_like(weight) if weight is not None else torch.empty(0, device=y.device)
+        grad_bias = torch.zeros_like(bias) if bias is not None else torch.empty(0, device=y.device)
+        return torch.empty(y.shape, dtype=input_dtype, device=y.device), grad_weight, grad_bias
+    if resolve_backend(grad_output, OP_NAME) == "triton":
+        from lightning_approxbp.ops import ms_norm_triton
+
+        return ms_norm_triton.backward(grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype)
+    return _torch_backward(grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype)
+
+
+@ms_norm_backward.register_fake
+def _(grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype):
+    grad_input = torch.empty(y.shape, dtype=input_dtype, device=y.device)
+    return grad_input, _empty_like_optional(weight, y.device), _empty_like_optional(bias, y.device)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class MSNormFunction(torch.autograd.Function):
+    """LayerNorm/RMSNorm over the rows of a 2-D input that backpropagates from its output.
+
+    Saves for backward: the output (shared with the consumer that saves it too) and one
+    fp32 ``rstd`` per row, plus the affine parameters when present. Recomputes the normalised
+    value from the output in backward.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        centered: bool,
+        offset: float,
+        out_dtype: torch.dtype,
+        weight_clamp: float,
+    ) -> Tensor:
+        y, rstd = ms_norm_forward(x, weight, bias, eps, centered, offset, out_dtype)
+        ctx.save_for_backward(y, rstd, weight, bias)
+        ctx.settings = (centered, offset, weight_clamp, x.dtype)
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        y, rstd, weight, bias = ctx.saved_tensors
+        centered, offset, weight_clamp, input_dtype = ctx.settings
+        with torch.no_grad():
+            grad_input, grad_weight, grad_bias = ms_norm_backward(
+                grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype
+            )
+        grad_weight = grad_weight if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = grad_bias if bias is not None and ctx.needs_input_grad[2] else None
+        grads = guard_double_backward((grad_input, grad_weight, grad_bias), grad_output, OP_NAME)
+        return (*grads, None, None, None, None, None)
+
+
+def resolve_output_dtype(x: Tensor, output_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the norm emits: explicit, else the autocast dtype when autocast is on, else x's.
+
+    Emitting the autocast dtype makes the consumer's cast a no-op, so the consumer saves the
+    very tensor the norm saved: one copy instead of two.
+    """
+    if output_dtype is not None:
+        return output_dtype
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def ms_norm(
+    x: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    eps: float,
+    centered: bool,
+    offset: float = 0.0,
+    output_dtype: torch.dtype | None = None,
+    weight_clamp: float = DEFAULT_WEIGHT_CLAMP,
+) -> Tensor:
+    """Normalise ``x`` over its trailing ``normalized_shape`` (see the module docstring)."""
+    check_floating(x, OP_NAME)
+    normalized_shape = tuple(normalized_shape)
+    if tuple(x.shape[x.dim() - len(normalized_shape) :]) != normalized_shape or x.dim() < len(normalized_shape):
+        raise ValueError(
+            f"{OP_NAME}: input of shape {tuple(x.shape)} does not end in normalized_shape {normalized_shape}."
+        )
+    n_cols = 1
+    for size in normalized_shape:
+        n_cols *= size
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None:
+            check_floating(param, OP_NAME, name)
+            if param.numel() != n_cols:
+                raise ValueError(f"{OP_NAME}: {name} has {param.numel()} elements, expected {n_cols}.")
+    out_dtype = resolve_output_dtype(x, output_dtype)
+    rows = x.reshape(-1, n_cols)
+    flat_weight = None if weight is None else weight.reshape(-1)
+    flat_bias = None if bias is None else bias.reshape(-1)
+    if not requires_grad(x, weight, bias):
+        y, _ = ms_norm_forward(rows, flat_weight, flat_bias, eps, centered, offset, out_dtype)
+    else:
+        y = MSNormFunction.apply(rows, flat_weight, flat_bias, eps, centered, offset, out_dtype, weight_clamp)
+    return y.view(x.shape)

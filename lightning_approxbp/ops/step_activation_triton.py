@@ -1,0 +1,140 @@
+"""Triton kernels of the step-derivative activation.
+
+Layout: element ``i`` of the flattened input owns bits ``[(i % P) * BITS, (i % P + 1) * BITS)``
+of byte ``i // P``, with ``P = 8 // BITS`` codes per byte. Each program handles
+``BLOCK_BYTES`` bytes, i.e. a ``[BLOCK_BYTES, P]`` tile of elements, so that packing is a
+row reduction and no two programs write the same byte.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lightning_approxbp.ops.step_activation import packed_size, table_tensor
+
+_ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
+_SQRT_HALF = 0.7071067811865476
+_SQRT_2_OVER_PI = 0.7978845608028654
+BLOCK_BYTES = 1024
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 0:
+        y = 0.5 * x * (1.0 + tl.erf(x * _SQRT_HALF))
+    elif ACTIVATION == 1:
+        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        y = 0.5 * x * (1.0 + (2.0 * _sigmoid(2.0 * inner) - 1.0))
+    elif ACTIVATION == 2:
+        y = x * _sigmoid(x)
+    else:
+        y = x * _sigmoid(1.702 * x)
+    return y
+
+
+@triton.jit
+def _step_activation_fwd_kernel(
+    X_ptr,
+    Y_ptr,
+    CODES_ptr,
+    THRESHOLDS_ptr,
+    n_elements,
+    n_bytes,
+    ACTIVATION: tl.constexpr,
+    BITS: tl.constexpr,
+    N_THRESHOLDS: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,
+):
+    CODES_PER_BYTE: tl.constexpr = 8 // BITS
+    pid = tl.program_id(0).to(tl.int64)
+    byte_offsets = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    slots = tl.arange(0, CODES_PER_BYTE)
+    offsets = byte_offsets[:, None] * CODES_PER_BYTE + slots[None, :]
+    mask = offsets < n_elements
+
+    x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = _activation(x, ACTIVATION)
+    tl.store(Y_ptr + offsets, y.to(Y_ptr.dtype.element_ty), mask=mask)
+
+    code = tl.zeros([BLOCK_BYTES, CODES_PER_BYTE], dtype=tl.int32)
+    for j in tl.static_range(N_THRESHOLDS):
+        code += (x > tl.load(THRESHOLDS_ptr + j)).to(tl.int32)
+    # Padding slots of the last byte stay zero, as in the PyTorch path.
+    code = tl.where(mask, code, 0)
+    packed = tl.sum(code << (slots * BITS)[None, :], axis=1)
+    tl.store(CODES_ptr + byte_offsets, packed.to(tl.uint8), mask=byte_offsets < n_bytes)
+
+
+@triton.jit
+def _step_activation_bwd_kernel(
+    DY_ptr,
+    CODES_ptr,
+    LEVELS_ptr,
+    DX_ptr,
+    n_elements,
+    n_bytes,
+    BITS: tl.constexpr,
+    BLOCK_BYTES: tl.constexpr,
+):
+    CODES_PER_BYTE: tl.constexpr = 8 // BITS
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    pid = tl.program_id(0).to(tl.int64)
+    byte_offsets = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    slots = tl.arange(0, CODES_PER_BYTE)
+    offsets = byte_offsets[:, None] * CODES_PER_BYTE + slots[None, :]
+    mask = offsets < n_elements
+
+    packed = tl.load(CODES_ptr + byte_offsets, mask=byte_offsets < n_bytes, other=0).to(tl.int32)
+    code = (packed[:, None] >> (slots * BITS)[None, :]) & CODE_MASK
+    level = tl.load(LEVELS_ptr + code)
+    dy = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX_ptr + offsets, (dy * level).to(DX_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(n_bytes: int) -> tuple[int]:
+    return (triton.cdiv(n_bytes, BLOCK_BYTES),)
+
+
+def forward(x: Tensor, thresholds: list[float], activation: str, bits: int) -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel on a contiguous, non-empty ``x``."""
+    n_bytes = packed_size(x.numel(), bits)
+    y = torch.empty_like(x)
+    codes = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
+    _step_activation_fwd_kernel[_grid(n_bytes)](
+        x,
+        y,
+        codes,
+        table_tensor(tuple(thresholds), x.device, torch.float32),
+        x.numel(),
+        n_bytes,
+        ACTIVATION=_ACTIVATION_IDS[activation],
+        BITS=bits,
+        N_THRESHOLDS=len(thresholds),
+        BLOCK_BYTES=BLOCK_BYTES,
+    )
+    return y, codes
+
+
+def backward(grad_output: Tensor, packed: Tensor, levels: list[float], bits: int) -> Tensor:
+    """Launch the backward kernel on a contiguous, non-empty ``grad_output``."""
+    grad_input = torch.empty_like(grad_output)
+    n_bytes = packed.numel()
+    _step_activation_bwd_kernel[_grid(n_bytes)](
+        grad_output,
+        packed,
+        table_tensor(tuple(levels), grad_output.device, torch.float32),
+        grad_input,
+        grad_output.numel(),
+        n_bytes,
+        BITS=bits,
+        BLOCK_BYTES=BLOCK_BYTES,
+    )
+    return grad_input
