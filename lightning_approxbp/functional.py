@@ -47,8 +47,9 @@ def step_activation(x: Tensor, activation: str = "gelu", *, bits: int = 2, table
         bits: 1, 2 or 4 bits saved per element.
         table: ``"fitted"`` (default), ``"paper"``, or a :class:`~lightning_approxbp.tables.StepTable`.
 
-    NaN inputs produce NaN outputs (as the exact activation does) and a zero gradient (NaN
-    falls in no interval above the lowest, whose level is used).
+    Non-finite inputs: the forward is torch's (NaN stays NaN). In backward, NaN compares false
+    with every threshold, so it takes the lowest interval's level (0 for the ``"paper"`` tables,
+    hence a zero gradient there); +inf takes the highest level and -inf the lowest.
     """
     return _step_activation(x, resolve_table(activation, bits, table))
 

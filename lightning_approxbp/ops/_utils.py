@@ -132,9 +132,12 @@ def guard_double_backward(
     """Under ``create_graph=True``, make any attempt to differentiate ``grads`` raise clearly.
 
     The op's backward runs without building a graph; the guard connects its results to the
-    incoming gradient so that a second differentiation reaches the explanation instead of
-    failing with a generic "does not require grad".
+    graph so that a second differentiation reaches the explanation instead of failing with a
+    generic "does not require grad".
     """
-    if not (torch.is_grad_enabled() and upstream.requires_grad):
+    if not torch.is_grad_enabled():
         return grads
-    return tuple(None if g is None else _RaiseOnBackward.apply(g, upstream, op_name) for g in grads)
+    # With a constant incoming gradient nothing would require grad; a throwaway leaf makes
+    # the result part of the graph so that differentiating it reaches the explanation.
+    anchor = upstream if upstream.requires_grad else torch.zeros((), requires_grad=True)
+    return tuple(None if g is None else _RaiseOnBackward.apply(g, anchor, op_name) for g in grads)

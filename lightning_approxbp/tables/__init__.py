@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from functools import cache
 from importlib import resources
 
 from lightning_approxbp.ops.reference import ACTIVATIONS
@@ -119,14 +118,18 @@ _PAPER_TABLES: dict[str, StepTable] = {
 }
 
 
-@cache
-def _fitted_tables() -> dict[tuple[str, int], StepTable]:
+def _load_fitted_tables() -> dict[tuple[str, int], StepTable]:
     text = resources.files(__package__).joinpath(FITTED_TABLES_FILE).read_text()
     tables = {}
     for entry in json.loads(text)["tables"]:
         table = StepTable(entry["activation"], entry["bits"], tuple(entry["thresholds"]), tuple(entry["levels"]), "fitted")
         tables[(table.activation, table.bits)] = table
     return tables
+
+
+# Loaded once at import (a few hundred bytes) so that looking a table up is a dict access,
+# which torch.compile traces without graph breaks.
+_FITTED_TABLES = _load_fitted_tables()
 
 
 def get_table(activation: str, bits: int = 2, kind: str = "fitted") -> StepTable:
@@ -153,7 +156,7 @@ def get_table(activation: str, bits: int = 2, kind: str = "fitted") -> StepTable
     if kind == "fitted":
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}.")
-        return _fitted_tables()[(activation, bits)]
+        return _FITTED_TABLES[(activation, bits)]
     raise ValueError(f"Unknown table kind {kind!r}; expected one of {TABLE_KINDS}.")
 
 

@@ -1,0 +1,155 @@
+"""Step-derivative activation: forward exactness, backward vs the fp64 step formula, edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_approxbp import functional as AF
+from lightning_approxbp.nn import ReGELU2, ReSiLU2, StepActivation
+from lightning_approxbp.ops import packed_size, use_backend
+from lightning_approxbp.ops.reference import ACTIVATIONS, step_activation_backward, step_codes
+from lightning_approxbp.ops.step_activation import pack_codes, unpack_codes
+from lightning_approxbp.tables import SUPPORTED_BITS, get_table
+
+from .helpers import FLOAT_DTYPES
+
+TORCH_FORWARD = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "quick_gelu": lambda x: (x.float() * torch.sigmoid(1.702 * x.float())).to(x.dtype),
+}
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_pack_unpack_round_trip(bits):
+    for numel in (0, 1, 7, 8, 9, 1001):
+        codes = torch.randint(0, 2**bits, (numel,), dtype=torch.uint8)
+        packed = pack_codes(codes, bits)
+        assert packed.numel() == packed_size(numel, bits)
+        assert torch.equal(unpack_codes(packed, bits, numel), codes)
+
+
+def test_pack_layout_is_lowest_bits_first():
+    codes = torch.tensor([1, 2, 3, 0, 3], dtype=torch.uint8)
+    assert pack_codes(codes, 2).tolist() == [1 | 2 << 2 | 3 << 4, 3]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_forward_exact_and_backward_is_step_formula(activation, dtype, bits):
+    table = get_table(activation, bits)
+    x = (torch.randn(3, 37) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(3, 37).to(dtype)
+    with use_backend("torch"):
+        y = AF.step_activation(x, activation, bits=bits)
+        (dx,) = torch.autograd.grad(y, x, grad)
+    torch.testing.assert_close(y, TORCH_FORWARD[activation](x.detach()), rtol=0, atol=0)
+    expected = step_activation_backward(grad, x.detach().double(), table.thresholds, table.levels)
+    torch.testing.assert_close(dx, expected.to(dtype))
+    assert dx.dtype == dtype
+
+
+def test_paper_tables_reproduce_published_relu_sums():
+    gelu = get_table("gelu", 2, kind="paper")
+    a = [-0.04922261145617846, 1.0979632065417297, -0.048740595085551286]
+    assert gelu.levels == pytest.approx([0.0, a[0], a[0] + a[1], sum(a)])
+    assert sum(a) == pytest.approx(1.0, abs=1e-3)  # slope 1 for large x, as the paper constrains
+
+
+@pytest.mark.parametrize("module, activation", [(ReGELU2(), "gelu"), (ReSiLU2(), "silu")])
+def test_named_modules_use_paper_tables(module, activation):
+    x = torch.randn(64, requires_grad=True)
+    module(x).sum().backward()
+    table = get_table(activation, 2, kind="paper")
+    expected = step_activation_backward(torch.ones(64), x.detach().double(), table.thresholds, table.levels)
+    torch.testing.assert_close(x.grad, expected.float())
+
+
+@pytest.mark.parametrize("shape", [(0,), (5, 0, 3), (1,), (3, 5, 7, 9), (2, 3, 4, 5)])
+def test_shapes_including_empty_and_4d(shape):
+    x = torch.randn(shape, requires_grad=True)
+    y = AF.step_activation(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_non_contiguous_input_and_expanded_gradient():
+    base = torch.randn(6, 10)
+    x = base.t().requires_grad_()  # non-contiguous
+    y = AF.step_activation(x, "silu")
+    torch.testing.assert_close(y, F.silu(x.detach()))
+    y.sum().backward()  # the incoming gradient is an expanded stride-0 tensor
+    table = get_table("silu", 2)
+    expected = step_activation_backward(torch.ones(10, 6), x.detach().double(), table.thresholds, table.levels)
+    torch.testing.assert_close(x.grad, expected.float())
+
+
+def test_fp64_runs_on_the_torch_path():
+    x = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    AF.step_activation(x).sum().backward()
+    assert x.grad.dtype == torch.float64
+
+
+def test_integer_input_is_rejected_with_accepted_dtypes():
+    with pytest.raises(TypeError, match="float32, float16, bfloat16, float64"):
+        AF.step_activation(torch.arange(4))
+
+
+@pytest.mark.parametrize("kind", ["paper", "fitted"])
+def test_nan_and_inf_forward_like_torch_and_gradients_follow_the_documented_levels(kind):
+    table = get_table("gelu", 2, kind=kind)
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5], requires_grad=True)
+    y = AF.step_activation(x, table=table)
+    torch.testing.assert_close(y, F.gelu(x.detach()), equal_nan=True)
+    y.backward(torch.ones(4))
+    # NaN compares false with every threshold: code 0, the lowest interval's level
+    # (0 for the paper's tables, so NaN inputs get a zero gradient there).
+    assert step_codes(torch.tensor([float("nan")]), table.thresholds).item() == 0
+    assert x.grad[0].item() == pytest.approx(table.levels[0])
+    assert x.grad[1].item() == pytest.approx(table.levels[-1])
+    assert x.grad[2].item() == pytest.approx(table.levels[0])
+    if kind == "paper":
+        assert x.grad[0].item() == 0.0
+
+
+def test_no_grad_and_inference_save_nothing_and_match_exactly():
+    x = torch.randn(10)
+    with torch.no_grad():
+        torch.testing.assert_close(AF.step_activation(x, "gelu_tanh"), F.gelu(x, approximate="tanh"), rtol=0, atol=0)
+
+
+def test_double_backward_raises_clear_error():
+    x = torch.randn(5, requires_grad=True)
+    (g,) = torch.autograd.grad(AF.step_activation(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        g.sum().backward()
+
+
+def test_table_validation_and_mismatch_errors():
+    with pytest.raises(ValueError, match="bits must be one of"):
+        StepActivation("gelu", bits=3)
+    with pytest.raises(ValueError, match="publishes 2-bit tables"):
+        get_table("gelu_tanh", 2, kind="paper")
+    with pytest.raises(ValueError, match="Unknown activation"):
+        StepActivation("relu")
+    with pytest.raises(ValueError, match="table is for 'silu'"):
+        AF.step_activation(torch.randn(2), "gelu", table=get_table("silu", 2))
+
+
+def test_autocast_keeps_input_dtype_and_runs():
+    x = torch.randn(4, 8, requires_grad=True)
+    layer = torch.nn.Linear(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = AF.step_activation(layer(x))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_extra_repr_shows_the_conversion():
+    assert "bits=4" in repr(StepActivation("quick_gelu", bits=4, table="fitted"))
