@@ -1,0 +1,127 @@
+"""A linear layer that applies a norm's affine to its input on the fly (compute-time merge).
+
+``affine_linear(x, gamma, beta, weight, bias)`` computes ``linear(x * gamma + beta, weight, bias)``
+where ``x`` is the affine-free output of a memory-sharing norm. The affine input
+``z = x * gamma + beta`` is a temporary: it is used by the matmul and freed, never saved.
+
+Saved for backward: ``x`` (the very tensor the norm saved, so no extra activation memory) and
+the parameters (references, not copies). Recomputed in backward: ``z``. Gradients for ``x``,
+``gamma``, ``beta``, ``weight`` and ``bias`` are those of the unmerged computation, so training
+dynamics are the original ones and no parameter changes value or name.
+
+Under autocast the computation runs in the autocast dtype, as ``torch.nn.functional.linear``
+would; the input is cast first (a no-op when the norm already emitted that dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_approxbp.ops._utils import compute_dtype, guard_double_backward
+
+OP_NAME = "affine_linear"
+
+
+def _affine(x: Tensor, gamma: Tensor | None, beta: Tensor | None, offset: float) -> Tensor:
+    """``x * (gamma + offset) + beta`` computed in fp32 (fp64 for fp64) and rounded once to ``x.dtype``."""
+    work = x.to(compute_dtype(x.dtype))
+    if gamma is not None:
+        work = work * (gamma.to(work.dtype) + offset)
+    if beta is not None:
+        work = work + beta.to(work.dtype)
+    return work.to(x.dtype)
+
+
+def _matmul(z: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+    rows = z.reshape(-1, z.shape[-1])
+    w = weight.to(z.dtype)
+    w = w if transposed else w.t()
+    out = rows @ w if bias is None else torch.addmm(bias.to(z.dtype), rows, w)
+    return out.view(*z.shape[:-1], out.shape[-1])
+
+
+class AffineLinearFunction(torch.autograd.Function):
+    """``linear(x * (gamma + offset) + beta, weight, bias)`` that saves only ``x`` and parameters.
+
+    ``transposed=True`` is the layout of transformers' ``Conv1D`` (``weight`` is ``in x out``).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        gamma: Tensor | None,
+        beta: Tensor | None,
+        weight: Tensor,
+        bias: Tensor | None,
+        offset: float,
+        transposed: bool,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        x_c = x.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            out = _matmul(_affine(x_c, gamma, beta, offset), weight, bias, transposed)
+        ctx.save_for_backward(x_c, gamma, beta, weight, bias)
+        ctx.settings = (offset, transposed, x.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        x_c, gamma, beta, weight, bias = ctx.saved_tensors
+        offset, transposed, input_dtype = ctx.settings
+        needs_x, needs_gamma, needs_beta, needs_weight, needs_bias = ctx.needs_input_grad[:5]
+        n_in = x_c.shape[-1]
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1]).to(x_c.dtype)
+        grad_x = grad_gamma = grad_beta = grad_weight = grad_bias = None
+        with torch.no_grad():
+            if needs_weight:
+                z_rows = _affine(x_c, gamma, beta, offset).reshape(-1, n_in)
+                grad_w = z_rows.t() @ grad_rows if transposed else grad_rows.t() @ z_rows
+                grad_weight = grad_w.to(weight.dtype)
+            if needs_bias and bias is not None:
+                grad_bias = grad_rows.sum(dim=0).to(bias.dtype)
+            if needs_x or needs_gamma or needs_beta:
+                w = weight.to(x_c.dtype)
+                grad_z = (grad_rows @ (w.t() if transposed else w)).to(compute_dtype(x_c.dtype))
+                if needs_x:
+                    scale = 1.0 if gamma is None else gamma.to(grad_z.dtype) + offset
+                    grad_x = (grad_z * scale).to(input_dtype).view(x_c.shape)
+                if needs_gamma and gamma is not None:
+                    grad_gamma = (grad_z * x_c.reshape(-1, n_in).to(grad_z.dtype)).sum(dim=0).to(gamma.dtype)
+                if needs_beta and beta is not None:
+                    grad_beta = grad_z.sum(dim=0).to(beta.dtype)
+        grads = guard_double_backward((grad_x, grad_gamma, grad_beta, grad_weight, grad_bias), grad_output, OP_NAME)
+        return (*grads, None, None, None)
+
+
+def affine_linear(
+    x: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    offset: float = 0.0,
+    transposed: bool = False,
+) -> Tensor:
+    """Apply a norm's affine ``(gamma + offset, beta)`` and then a linear layer, saving only ``x``.
+
+    Args:
+        x: the affine-free norm output, features last.
+        gamma, beta: the norm's affine parameters (either may be ``None``).
+        weight: ``out x in`` (``nn.Linear``) or ``in x out`` with ``transposed=True`` (``Conv1D``).
+        bias: the linear layer's bias.
+        offset: constant added to ``gamma`` (``1.0`` for Gemma's ``(1 + w)``).
+
+    Example::
+
+        >>> import torch
+        >>> x, g, b = torch.randn(3, 4), torch.randn(4), torch.randn(4)
+        >>> w, c = torch.randn(5, 4), torch.randn(5)
+        >>> torch.allclose(affine_linear(x, g, b, w, c), torch.nn.functional.linear(x * g + b, w, c), atol=1e-6)
+        True
+    """
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    return AffineLinearFunction.apply(x, gamma, beta, weight, bias, offset, transposed, dtype)
