@@ -1,0 +1,59 @@
+"""Shared helpers for the benchmark scripts: machine naming, timing, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_name(device: torch.device) -> str:
+    """Human-readable name of the device that produced the numbers."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {model}, {torch.get_num_threads()} threads"
+
+
+def machine_slug(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def median_time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA-synchronised on GPU)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(repeats, 20) * 5, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def write_results(stem: str, device: torch.device, payload: dict, markdown: str) -> tuple[Path, Path]:
+    """Write ``<stem>_<machine>.json`` and ``.md`` under benchmarks/results/."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    base = RESULTS_DIR / f"{stem}_{machine_slug(device)}"
+    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
+    json_path.write_text(json.dumps(payload, indent=1) + "\n")
+    md_path.write_text(markdown)
+    return json_path, md_path
