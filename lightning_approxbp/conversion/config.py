@@ -1,0 +1,78 @@
+"""Conversion options, checked once when they are built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning_approxbp.tables import SUPPORTED_BITS, TABLE_KINDS, StepTable
+
+AFFINE_STRATEGIES: tuple[str, ...] = ("auto", "merge", "keep")
+DEFAULT_MIN_KEEP_WEIGHT = 1e-2
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """What :func:`~lightning_approxbp.conversion.convert` changes.
+
+    Args:
+        activations: convert GELU/SiLU-family activations to step-derivative ones.
+        norms: convert LayerNorm/RMSNorm modules to memory-sharing ones.
+        bits: bits saved per activation element (1, 2 or 4).
+        table: ``"fitted"``, ``"paper"`` (2 bits, GELU and SiLU only) or a
+            :class:`~lightning_approxbp.tables.StepTable` (then one activation kind only).
+        affine: how a norm's ``weight``/``bias`` are handled:
+            ``"merge"`` applies them inside the consuming linear layers (exact forward and
+            gradients, parameters unchanged; needs every use of the norm output to be such a
+            layer), ``"keep"`` keeps them in the norm and recovers the normalised value from the
+            output in backward (any consumer; needs ``|weight| >= min_keep_weight``),
+            ``"auto"`` tries merge, then keep, then skips the norm.
+        verify: compare the converted model's output with the original's on the probe batch
+            and undo the conversion if they differ.
+        min_keep_weight: smallest ``|weight|`` (after any offset) for which ``"keep"`` is used.
+        tolerance: relative output error accepted by ``verify``; default per dtype.
+
+    Raises:
+        ValueError: for an unknown option or a combination that cannot work.
+    """
+
+    activations: bool = True
+    norms: bool = True
+    bits: int = 2
+    table: StepTable | str = "fitted"
+    affine: str = "auto"
+    verify: bool = True
+    min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT
+    tolerance: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.activations or self.norms):
+            raise ValueError("activations=False and norms=False leave nothing to convert; enable at least one.")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}.")
+        if isinstance(self.table, StepTable):
+            if self.table.bits != self.bits:
+                raise ValueError(
+                    f"The table has {self.table.bits} bits but bits={self.bits}; pass bits={self.table.bits}."
+                )
+        elif self.table not in TABLE_KINDS:
+            raise ValueError(f"table={self.table!r} is unknown; use one of {TABLE_KINDS} or a StepTable.")
+        elif self.table == "paper" and self.bits != 2:
+            raise ValueError(f"The paper's tables have 2 bits; pass bits=2 or table='fitted' (got bits={self.bits}).")
+        if self.affine not in AFFINE_STRATEGIES:
+            raise ValueError(f"affine={self.affine!r} is unknown; use one of {AFFINE_STRATEGIES}.")
+        if self.affine != "auto" and not self.norms:
+            raise ValueError(f"affine={self.affine!r} only applies to norms, but norms=False; drop affine or set norms=True.")
+        if not self.min_keep_weight > 0:
+            raise ValueError(f"min_keep_weight must be positive, got {self.min_keep_weight!r}.")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ValueError(f"tolerance must be positive, got {self.tolerance!r}.")
+        if self.tolerance is not None and not self.verify:
+            raise ValueError("tolerance only applies with verify=True; drop tolerance or set verify=True.")
+
+    def table_for(self, activation: str) -> StepTable | str | None:
+        """The table to use for ``activation``, or ``None`` when ``table`` cannot serve it."""
+        if isinstance(self.table, StepTable):
+            return self.table if self.table.activation == activation else None
+        if self.table == "paper" and activation not in ("gelu", "silu"):
+            return None
+        return self.table

@@ -1,0 +1,306 @@
+"""``convert``: turn a model into a lower-memory one in place, exactly, and report what changed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from torch import nn
+
+from lightning_approxbp.conversion.activations import (
+    function_attributes,
+    identify_activation,
+    is_activation_candidate,
+    looks_like_activation,
+)
+from lightning_approxbp.conversion.config import ConversionConfig
+from lightning_approxbp.conversion.consumers import NormUses, trace_norm_uses
+from lightning_approxbp.conversion.merged import is_merged, merge_into
+from lightning_approxbp.conversion.norms import NormSpec, _ConvertedNorm, build_converted_norm, detect_norm, gamma
+from lightning_approxbp.conversion.probe import (
+    ProbeFn,
+    ProbeRun,
+    default_tolerance,
+    max_relative_error,
+    probe_from_example,
+    run_probe,
+)
+from lightning_approxbp.conversion.report import ConversionReport
+from lightning_approxbp.conversion.walker import ModuleFilter, Site, SwapLog, sites
+from lightning_approxbp.nn import StepActivation
+from lightning_approxbp.ops.reference import ACTIVATIONS
+
+_NO_PROBE_NOTE = (
+    "no probe batch: the uses of norm outputs were not traced, so no affine was merged (norms with safe "
+    "weights keep their affine), the output was not verified and saved bytes were not measured. Pass "
+    "example_input (or set example_input_array) for the full conversion."
+)
+
+
+@dataclass
+class _NormCandidate:
+    site: Site
+    spec: NormSpec
+    uses: NormUses | None = None
+
+
+@dataclass
+class _Decision:
+    strategy: str | None  # None: skip
+    output: str = "input"
+    consumers: list[nn.Module] = field(default_factory=list)
+    reason: str = ""
+
+
+def _is_converted(module: nn.Module) -> bool:
+    return isinstance(module, (StepActivation, _ConvertedNorm)) or is_merged(module)
+
+
+def _features(spec: NormSpec) -> int:
+    # Merging needs the affine over the last axis only, which a linear layer reads.
+    return spec.normalized_shape[0] if len(spec.normalized_shape) == 1 else -1
+
+
+def _min_abs_gamma(norm: nn.Module) -> float | None:
+    scale = gamma(norm)
+    return None if scale is None or scale.numel() == 0 else scale.abs().min().item()
+
+
+def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
+    """Choose the affine strategy and output dtype policy of one norm (see ConversionConfig.affine)."""
+    spec, uses = candidate.spec, candidate.uses
+    traced = uses is not None and uses.called
+    linear_only = traced and uses.all_linear
+    output = "autocast" if linear_only else "input"
+    if not (spec.has_weight or spec.has_bias):
+        return _Decision("plain", output, reason="no affine parameters: exact")
+    blockers = "" if not traced else ", ".join(uses.blockers()[:4])
+    if traced and uses.all_mergeable and _features(spec) > 0:
+        merge_reason = f"affine applied in {len(uses.consumers)} consumer(s): exact"
+        merge = _Decision("merge", "autocast", uses.consumers, merge_reason)
+    elif not traced:
+        merge = _Decision(None, reason="uses not traced (no probe batch)" if uses is None else "not called by the probe")
+    else:
+        merge = _Decision(None, reason=f"output also used by {blockers}")
+    if config.affine == "merge" or (config.affine == "auto" and merge.strategy):
+        return merge
+    smallest = _min_abs_gamma(candidate.site.module)
+    if smallest is not None and smallest < config.min_keep_weight:
+        reason = f"min |weight| = {smallest:.1e} < min_keep_weight = {config.min_keep_weight:g}: output recovery unsafe"
+        return _Decision(None, reason=reason if config.affine == "keep" else f"{merge.reason}; {reason}")
+    keep_reason = "affine kept (forced)" if config.affine == "keep" else f"{merge.reason}; affine kept"
+    return _Decision("keep", output, reason=keep_reason + (f", min |weight| = {smallest:.2g}" if smallest else ""))
+
+
+class _Conversion:
+    """One call of :func:`convert`: collect candidates, trace, decide, swap, verify."""
+
+    def __init__(self, root: nn.Module, config: ConversionConfig, module_filter: ModuleFilter | None) -> None:
+        self.root = root
+        self.config = config
+        self.filter = module_filter
+        self.report = ConversionReport()
+        self.log = SwapLog()
+        self.sites = list(sites(root))
+        self.site_of = {id(site.module): site for site in self.sites}
+        self.norms: list[_NormCandidate] = []
+        self.activations: list[tuple[Site, str]] = []
+        self.function_activations: list[tuple[Site, str, str]] = []
+
+    # ----------------------------------------------------------------------- collect
+    def collect(self) -> None:
+        for site in self.sites:
+            module = site.module
+            if _is_converted(module):
+                self.report.add(site.fqn, type(module).__name__, "unchanged", reason="already converted")
+                continue
+            if self.filter is not None and not self.filter(module, site.fqn):
+                continue
+            if self.config.norms and (spec := detect_norm(module)) is not None:
+                self._add_norm(site, spec)
+            elif self.config.activations:
+                self._add_activation(site)
+
+    def _add_norm(self, site: Site, spec: NormSpec) -> None:
+        if not site.holders:
+            self.report.add(site.fqn, type(site.module).__name__, "skipped", reason="the root cannot be replaced in place")
+        else:
+            self.norms.append(_NormCandidate(site, spec))
+
+    def _add_activation(self, site: Site) -> None:
+        module = site.module
+        name = identify_activation(module) if is_activation_candidate(module) else None
+        if name is not None:
+            why = self._cannot_convert_activation(site, name)
+            if why is None:
+                self.activations.append((site, name))
+            else:
+                self.report.add(site.fqn, type(module).__name__, "skipped", reason=why)
+            return  # its own attributes (e.g. GELUActivation.act) go with it
+        if is_activation_candidate(module) and looks_like_activation(module):
+            reason = f"forward matches none of {', '.join(ACTIVATIONS)}"
+            self.report.add(site.fqn, type(module).__name__, "skipped", reason=reason)
+        for attribute, function in function_attributes(module):
+            name = identify_activation(function)
+            if name is not None and self.config.table_for(name) is not None:
+                self.function_activations.append((site, attribute, name))
+
+    def _cannot_convert_activation(self, site: Site, name: str) -> str | None:
+        if not site.holders:
+            return "the root cannot be replaced in place"
+        if self.config.table_for(name) is None:
+            return f"table {self.config.table!r} has no {name} table; use table='fitted'"
+        return None
+
+    # ----------------------------------------------------------------------- probe + decide
+    def trace(self, probe: ProbeFn) -> ProbeRun:
+        norms = {c.site.module: _features(c.spec) for c in self.norms}
+        run = run_probe(self.root, probe, lambda: trace_norm_uses(self.root, norms))
+        for candidate in self.norms:
+            candidate.uses = run.extra[candidate.site.module]
+        return run
+
+    def apply(self) -> None:
+        for site, name in self.activations:
+            self.log.replace_site(site, self._step(name))
+            self.report.add(site.fqn, type(site.module).__name__, "converted", self._step_label(name))
+        for site, attribute, name in self.function_activations:
+            self.log.replace_attribute(site.module, attribute, self._step(name))
+            label = f"{site.fqn}.{attribute}" if site.fqn else attribute
+            self.report.add(label, f"function {attribute}", "converted", self._step_label(name))
+        for candidate in self.norms:
+            self._apply_norm(candidate)
+        order = {site.fqn: index for index, site in enumerate(self.sites)}
+        self.report.rows.sort(key=lambda row: order.get(row.fqn, order.get(row.fqn.rpartition(".")[0], len(order))))
+
+    def _apply_norm(self, candidate: _NormCandidate) -> None:
+        site, spec = candidate.site, candidate.spec
+        decision = decide(candidate, self.config)
+        kind = f"{type(site.module).__name__}"
+        if decision.strategy is None:
+            self.report.add(site.fqn, kind, "skipped", reason=decision.reason)
+            return
+        new = build_converted_norm(site.module, spec, decision.strategy, decision.output)
+        self.log.replace_site(site, new)
+        strategy = f"{spec.kind} {decision.strategy}, output={decision.output}"
+        self.report.add(site.fqn, kind, "converted", strategy, decision.reason)
+        for consumer in decision.consumers:
+            consumer_site = self.site_of[id(consumer)]
+            self.log.replace_site(consumer_site, merge_into(consumer, new))
+            self.report.add(consumer_site.fqn, type(consumer).__name__, "converted", f"applies affine of {site.fqn}")
+
+    def _step(self, name: str) -> StepActivation:
+        return StepActivation(name, bits=self.config.bits, table=self.config.table_for(name))
+
+    def _step_label(self, name: str) -> str:
+        table = self.config.table_for(name)
+        kind = table if isinstance(table, str) else table.kind
+        return f"step {name} {self.config.bits}-bit {kind}"
+
+    # ----------------------------------------------------------------------- verify
+    def verify(self, reference: ProbeRun, converted: ProbeRun) -> None:
+        error, index = max_relative_error(reference.outputs, converted.outputs)
+        dtypes = [t.dtype for t in reference.outputs] + [p.dtype for p in self.root.parameters()]
+        tolerance = self.config.tolerance or max((default_tolerance(d) for d in dtypes), default=1e-4)
+        self.report.max_error = error
+        if error <= tolerance:
+            return
+        changed = ", ".join(row.fqn for row in self.report.converted[:8])
+        more = len(self.report.converted) - 8
+        self.log.undo_all()
+        raise RuntimeError(
+            f"ApproxBP conversion changed the model output: max relative difference {error:.3e} at output {index} "
+            f"exceeds the tolerance {tolerance:.1e}. The model was left unconverted. Converted modules were: "
+            f"{changed}{f' and {more} more' if more > 0 else ''}. Exclude the culprit with filter=..., or pass "
+            "verify=False to accept the difference."
+        )
+
+
+def convert(
+    module: nn.Module,
+    example_input: Any = None,
+    *,
+    activations: bool = True,
+    norms: bool = True,
+    bits: int = 2,
+    table: Any = "fitted",
+    affine: str = "auto",
+    verify: bool = True,
+    filter: ModuleFilter | None = None,  # noqa: A002 - the public name users expect
+    probe: ProbeFn | None = None,
+    min_keep_weight: float | None = None,
+    tolerance: float | None = None,
+    probe_label: str | None = None,
+) -> ConversionReport:
+    """Convert activations and norms of ``module`` in place; return what was done.
+
+    GELU/SiLU-family activations become step-derivative ones (exact forward, ``bits`` per
+    element saved). LayerNorm/RMSNorm modules become memory-sharing ones (they save their output,
+    which the next layer saves anyway); their affine is merged into the consuming linear layers
+    when every use of the norm output is one (exact forward and gradients, state dict unchanged),
+    else kept with output-based recovery when ``|weight|`` is safe, else the norm is skipped.
+    Calling ``convert`` again changes nothing.
+
+    Args:
+        module: the model; converted in place (the root module itself is never replaced).
+        example_input: one batch as ``forward`` takes it: a tensor, a tuple of positional
+            arguments or a dict of keyword arguments. Needed to merge affines, verify the
+            output and measure saved bytes.
+        activations, norms, bits, table, affine, verify, min_keep_weight, tolerance: see
+            :class:`~lightning_approxbp.conversion.config.ConversionConfig`.
+        filter: ``(module, fqn) -> bool``; only norms and activations for which it returns
+            ``True`` are considered.
+        probe: instead of ``example_input``, a function that runs the model once the way
+            training does (e.g. ``lambda m: m.training_step(batch, 0)``).
+        probe_label: how the probe is described in the report.
+
+    Returns:
+        The :class:`~lightning_approxbp.conversion.report.ConversionReport`.
+
+    Raises:
+        ValueError: for conflicting or unknown options.
+        RuntimeError: if ``verify`` finds a different output (the model is then left unconverted).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        >>> report = convert(model, torch.randn(4, 16))
+        >>> [row.action for row in report.rows]
+        ['converted', 'converted', 'converted']
+        >>> report.bytes_after < report.bytes_before
+        True
+    """
+    options: dict[str, Any] = {"min_keep_weight": min_keep_weight} if min_keep_weight is not None else {}
+    config = ConversionConfig(activations, norms, bits, table, affine, verify, tolerance=tolerance, **options)
+    if example_input is not None and probe is not None:
+        raise ValueError("Pass either example_input or probe, not both.")
+    if probe is None and example_input is not None:
+        probe = probe_from_example(example_input)
+        probe_label = probe_label or "example_input"
+    conversion = _Conversion(module, config, filter)
+    report = conversion.report
+    report.probe = probe_label or ("custom" if probe is not None else "none")
+    conversion.collect()
+    reference = conversion.trace(probe) if probe is not None and conversion.norms else None
+    if probe is not None and reference is None and (conversion.activations or conversion.function_activations):
+        reference = run_probe(module, probe)
+    conversion.apply()
+    if probe is None:
+        if conversion.norms:
+            report.notes.append(_NO_PROBE_NOTE)
+    elif reference is not None:
+        converted = run_probe(module, probe)
+        report.bytes_before, report.bytes_after = reference.saved_bytes, converted.saved_bytes
+        if verify:
+            conversion.verify(reference, converted)
+    if not report.rows or not (report.converted or any(r.action == "unchanged" for r in report.rows)):
+        rank_zero_warn(
+            f"ApproxBP: nothing to convert in {type(module).__name__} (no GELU/SiLU-family activation or "
+            "LayerNorm/RMSNorm that can be converted exactly); the model is unchanged."
+        )
+    return report

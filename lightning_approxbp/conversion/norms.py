@@ -1,0 +1,203 @@
+"""Recognise LayerNorm / RMSNorm modules and build their memory-sharing replacements.
+
+``nn.LayerNorm`` and ``nn.RMSNorm`` are read directly. Other norms (the RMSNorm classes of
+Llama, Mistral, Qwen2, T5, Gemma's ``(1 + w)`` form, custom LayerNorms) are recognised by
+structure: a 1-D ``weight`` (and optional ``bias``) as their whole state, and an ``eps`` or
+``variance_epsilon`` attribute. Each candidate form (RMS, RMS with ``1 + w``, centred) is then
+checked numerically against the module's own output; a module that matches none is left alone.
+
+The replacements keep the original ``weight``/``bias`` Parameter objects under the same names,
+so state dicts, optimiser state and checkpoints are unchanged.
+
+Example::
+
+    >>> from torch import nn
+    >>> spec = detect_norm(nn.LayerNorm(8))
+    >>> spec.centered, spec.normalized_shape
+    (True, (8,))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_approxbp.functional import ms_layer_norm, ms_rms_norm
+from lightning_approxbp.nn import MSLayerNorm, MSRMSNorm
+from lightning_approxbp.ops.ms_norm import DEFAULT_WEIGHT_CLAMP
+
+STRATEGIES: tuple[str, ...] = ("merge", "keep", "plain")
+OUTPUT_POLICIES: tuple[str, ...] = ("autocast", "input")
+_EPS_ATTRIBUTES: tuple[str, ...] = ("eps", "variance_epsilon")
+_CANDIDATE_FORMS: tuple[tuple[bool, float], ...] = ((False, 0.0), (False, 1.0), (True, 0.0))
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What a norm computes: ``(x - mean if centered) * rstd * (weight + offset) + bias``."""
+
+    normalized_shape: tuple[int, ...]
+    eps: float
+    centered: bool
+    offset: float
+    has_weight: bool
+    has_bias: bool
+
+    @property
+    def kind(self) -> str:
+        return "layer_norm" if self.centered else "rms_norm"
+
+
+def _spec_layer_norm(module: nn.Module) -> NormSpec | None:
+    return NormSpec(
+        tuple(module.normalized_shape), module.eps, True, 0.0, module.weight is not None, module.bias is not None
+    )
+
+
+def _spec_rms_norm(module: nn.Module) -> NormSpec | None:
+    if module.eps is None:  # torch then uses finfo(dtype).eps, which depends on the input
+        return None
+    return NormSpec(tuple(module.normalized_shape), float(module.eps), False, 0.0, module.weight is not None, False)
+
+
+# Exact types read directly; anything else goes through the structural check.
+_KNOWN_NORMS = {nn.LayerNorm: _spec_layer_norm, nn.RMSNorm: _spec_rms_norm}
+
+
+def _structural_spec(module: nn.Module, centered: bool, offset: float) -> NormSpec | None:
+    if next(module.children(), None) is not None:
+        return None
+    state = dict(module.named_parameters(recurse=False))
+    weight = state.get("weight")
+    if set(state) - {"weight", "bias"} or weight is None or weight.dim() != 1 or next(module.buffers(), None) is not None:
+        return None
+    bias = state.get("bias")
+    if bias is not None and bias.shape != weight.shape:
+        return None
+    eps = next((getattr(module, a) for a in _EPS_ATTRIBUTES if isinstance(getattr(module, a, None), float)), None)
+    if eps is None:
+        return None
+    return NormSpec((weight.numel(),), eps, centered or bias is not None, 0.0 if bias is not None else offset, True, bias is not None)
+
+
+def reference_output(spec: NormSpec, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """What the memory-sharing op computes for ``spec`` (no autograd)."""
+    with torch.no_grad():
+        if spec.centered:
+            return ms_layer_norm(x, spec.normalized_shape, weight, bias, spec.eps)
+        return ms_rms_norm(x, spec.normalized_shape, weight, spec.eps, offset=spec.offset)
+
+
+def _matches(module: nn.Module, spec: NormSpec) -> bool:
+    weight = getattr(module, "weight", None) if spec.has_weight else None
+    dtype = weight.dtype if weight is not None else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, *spec.normalized_shape, generator=generator).mul_(3).add_(1.5).to(dtype)
+    try:
+        with torch.no_grad():
+            expected = module(x)
+    except Exception:  # noqa: BLE001 - a module that cannot take this input is not a norm of this shape
+        return False
+    if not isinstance(expected, Tensor) or expected.shape != x.shape:
+        return False
+    ours = reference_output(spec, x, weight, getattr(module, "bias", None) if spec.has_bias else None)
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
+    return torch.allclose(ours.to(expected.dtype), expected, rtol=tol, atol=tol)
+
+
+def detect_norm(module: nn.Module) -> NormSpec | None:
+    """The :class:`NormSpec` that reproduces ``module``'s output, or ``None``."""
+    known = _KNOWN_NORMS.get(type(module))
+    if known is not None:
+        spec = known(module)
+        return spec if spec is not None and _matches(module, spec) else None
+    for centered, offset in _CANDIDATE_FORMS:
+        spec = _structural_spec(module, centered, offset)
+        if spec is not None and _matches(module, spec):
+            return spec
+    return None
+
+
+def gamma(module: nn.Module) -> Tensor | None:
+    """The effective scale ``weight + offset`` of a norm (``None`` without weight)."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    return weight.detach() + getattr(module, "offset", 0.0)
+
+
+class _ConvertedNorm:
+    """Mixin: the strategy-dependent forward shared by both converted norm classes.
+
+    ``strategy``: ``"merge"`` (the affine is applied by the consumers: this module normalises
+    only, exact backward), ``"keep"`` (affine applied here, recovered from the output in
+    backward) or ``"plain"`` (no affine parameters). ``output``: ``"autocast"`` emits the
+    autocast dtype under autocast (every consumer is a linear layer that would cast anyway, so
+    norm and consumer save one tensor), ``"input"`` emits the input dtype as the original norm did.
+    """
+
+    strategy: str
+    output: str
+
+    def _affine(self) -> tuple[Tensor | None, Tensor | None]:
+        if self.strategy == "merge":
+            return None, None
+        return self.weight, getattr(self, "bias", None)  # type: ignore[attr-defined]
+
+    def _output_dtype(self, x: Tensor) -> torch.dtype | None:
+        return None if self.output == "autocast" else x.dtype
+
+    def _approxbp_repr(self) -> str:
+        return f"approxbp: affine={self.strategy}, output={self.output}"
+
+
+class ConvertedLayerNorm(_ConvertedNorm, MSLayerNorm):
+    """The :class:`~lightning_approxbp.nn.MSLayerNorm` that a conversion puts in place of a LayerNorm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self._affine()
+        return ms_layer_norm(
+            x, self.normalized_shape, weight, bias, self.eps,
+            output_dtype=self._output_dtype(x), weight_clamp=self.weight_clamp,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._approxbp_repr()}"
+
+
+class ConvertedRMSNorm(_ConvertedNorm, MSRMSNorm):
+    """The :class:`~lightning_approxbp.nn.MSRMSNorm` that a conversion puts in place of an RMSNorm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, _ = self._affine()
+        return ms_rms_norm(
+            x, self.normalized_shape, weight, self.eps,
+            offset=self.offset, output_dtype=self._output_dtype(x), weight_clamp=self.weight_clamp,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._approxbp_repr()}"
+
+
+def build_converted_norm(original: nn.Module, spec: NormSpec, strategy: str, output: str) -> nn.Module:
+    """A converted norm that shares ``original``'s parameters (same names, same objects)."""
+    if strategy not in STRATEGIES or output not in OUTPUT_POLICIES:
+        raise ValueError(f"Unknown strategy {strategy!r} or output policy {output!r}.")
+    cls = ConvertedLayerNorm if spec.centered else ConvertedRMSNorm
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.normalized_shape = spec.normalized_shape
+    new.eps = spec.eps
+    new.elementwise_affine = spec.has_weight
+    new.output_dtype = None
+    new.weight_clamp = DEFAULT_WEIGHT_CLAMP
+    new.offset = spec.offset
+    new.strategy = strategy
+    new.output = output
+    new.weight = original.weight if spec.has_weight else None
+    if spec.centered:
+        new.bias = original.bias if spec.has_bias else None
+    new.train(original.training)
+    return new
