@@ -10,4 +10,7 @@ from lightning_approxbp.ops import use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "functional", "nn", "tables", "use_backend"]
+from lightning_approxbp.conversion import ConversionReport, convert  # noqa: E402
+from lightning_approxbp.callbacks import ApproxBP  # noqa: E402
+
+__all__ = ["__version__", "functional", "nn", "tables", "use_backend", "ApproxBP", "ConversionReport", "convert"]

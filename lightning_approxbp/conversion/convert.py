@@ -168,9 +168,11 @@ class _Conversion:
             self.log.replace_site(site, self._step(name))
             self.report.add(site.fqn, type(site.module).__name__, "converted", self._step_label(name))
         for site, attribute, name in self.function_activations:
+            function = getattr(site.module, attribute)
             self.log.replace_attribute(site.module, attribute, self._step(name))
             label = f"{site.fqn}.{attribute}" if site.fqn else attribute
-            self.report.add(label, f"function {attribute}", "converted", self._step_label(name))
+            kind = f"function {getattr(function, '__name__', attribute)}"
+            self.report.add(label, kind, "converted", self._step_label(name))
         for candidate in self.norms:
             self._apply_norm(candidate)
         order = {site.fqn: index for index, site in enumerate(self.sites)}
@@ -294,7 +296,13 @@ def convert(
         if conversion.norms:
             report.notes.append(_NO_PROBE_NOTE)
     elif reference is not None:
-        converted = run_probe(module, probe)
+        try:
+            converted = run_probe(module, probe)
+        except Exception as error:
+            conversion.log.undo_all()
+            raise RuntimeError(
+                "ApproxBP: the converted model failed on the probe batch; the model was left unconverted."
+            ) from error
         report.bytes_before, report.bytes_after = reference.saved_bytes, converted.saved_bytes
         if verify:
             conversion.verify(reference, converted)
