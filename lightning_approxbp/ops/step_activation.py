@@ -72,11 +72,14 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if not _LITTLE_ENDIAN:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
         return (padded.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
+    # Merge neighbours pairwise: codes of adjacent bytes, then of adjacent byte pairs, ...
     words = padded.view(_WORD_DTYPES[per_byte])
-    packed = words.clone()
-    for slot in range(1, per_byte):
-        packed |= words >> ((8 - bits) * slot)
-    return (packed & 0xFF).to(torch.uint8)
+    shift, group = 8 - bits, per_byte
+    while group > 1:
+        words = words | (words >> shift)
+        shift, group = 2 * shift, group // 2
+    # A copy, not a view: the saved codes must own exactly their bytes.
+    return words.view(torch.uint8).view(-1, per_byte)[:, 0].clone(memory_format=torch.contiguous_format)
 
 
 def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
@@ -98,17 +101,30 @@ def _torch_forward(x: Tensor, thresholds: list[float], activation: str, bits: in
     # Compare in fp32: a bf16 comparison would round the thresholds and change codes.
     flat = x.reshape(-1).to(compute_dtype(x.dtype))
     bounds = table_tensor(tuple(thresholds), x.device, compute_dtype(x.dtype))
-    codes = torch.zeros(flat.shape, dtype=torch.uint8, device=x.device)
-    for threshold in bounds:
-        codes += flat > threshold
+    # A bool tensor viewed as uint8 is its 0/1 values without a conversion pass.
+    codes = (flat > bounds[0]).view(torch.uint8)
+    for threshold in bounds[1:]:
+        codes = codes + (flat > threshold).view(torch.uint8)
     return exact_activation(x, activation), pack_codes(codes, bits)
 
 
+@lru_cache(maxsize=64)
+def byte_levels(levels: tuple[float, ...], bits: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A 256-row table: row ``b`` holds the levels of the ``8 // bits`` codes packed in byte ``b``.
+
+    Looking packed bytes up in it yields every element's level in one gather, with no
+    unpacking pass.
+    """
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    rows = [[levels[(byte >> (bits * slot)) & mask] for slot in range(per_byte)] for byte in range(256)]
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
 def _torch_backward(grad_output: Tensor, packed: Tensor, levels: list[float], bits: int) -> Tensor:
-    table = table_tensor(tuple(levels), grad_output.device, compute_dtype(grad_output.dtype))
-    codes = unpack_codes(packed, bits, grad_output.numel())
-    multiplier = torch.take(table, codes.long()).view(grad_output.shape)
-    return (grad_output.to(multiplier.dtype) * multiplier).to(grad_output.dtype)
+    table = byte_levels(tuple(levels), bits, grad_output.device, compute_dtype(grad_output.dtype))
+    multiplier = table.index_select(0, packed.long()).view(-1)[: grad_output.numel()]
+    return (grad_output.to(multiplier.dtype) * multiplier.view(grad_output.shape)).to(grad_output.dtype)
 
 
 # ----------------------------------------------------------------------------- torch.library
