@@ -34,8 +34,10 @@ def sites(root: nn.Module) -> Iterator[Site]:
     """Every unique module under ``root`` (root included, first), in registration order."""
     found = {id(module): Site(name, module) for name, module in root.named_modules()}
     for parent in found.values():
-        for name, child in parent.module.named_children():
-            found[id(child)].holders.append((parent.module, name))
+        # ``_modules``, not ``named_children()``, which lists a child held twice by one parent once
+        for name, child in parent.module._modules.items():
+            if child is not None:
+                found[id(child)].holders.append((parent.module, name))
     yield from found.values()
 
 

@@ -1,0 +1,293 @@
+"""convert() on real models: exact outputs, close gradients, fewer saved bytes, truthful report."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_approxbp import convert
+from lightning_approxbp.conversion.probe import output_tensors
+from lightning_approxbp.saved_tensors import SavedTensorCounter
+
+from tests.conversion.models import CASES, Case, PreLNBlock
+
+# Whole-model parameter-gradient cosine vs exact backprop, fitted 2-bit tables, one backward on
+# the tiny random models of conftest. Norm conversion alone is exact (see the norms-only test).
+COSINE_2BIT_FITTED = 0.95
+
+
+def _grads(model: nn.Module) -> Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def _saved_bytes(case: Case, model: nn.Module) -> int:
+    with SavedTensorCounter(exclude=model.parameters()) as counter:
+        case.call(model)
+    return counter.stats.activation_bytes
+
+
+def _relative_error(a: Tensor, b: Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-12)).item()
+
+
+def test_output_equal_bytes_lower_report_truthful(case: Case) -> None:
+    model = case.build().train()
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+
+    report = convert(model, case.batch)
+
+    assert report.converted and report.max_error is not None and report.max_error < 1e-4
+    # the report's byte counts are what an independent counter sees on the same batch
+    assert report.bytes_before == _saved_bytes(case, reference)
+    assert report.bytes_after == _saved_bytes(case, model)
+    assert report.bytes_after < report.bytes_before
+    for ours, theirs in zip(output_tensors(case.call(model)), output_tensors(case.call(reference)), strict=True):
+        assert _relative_error(ours, theirs) < 1e-5
+    assert list(model.state_dict()) == keys
+    reference.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    assert str(report).startswith("ApproxBP conversion (probe: example_input)")
+    assert report.to_dict()["bytes_after"] == report.bytes_after
+
+
+def test_gradients_close_to_exact(case: Case) -> None:
+    model = case.build().train()
+    reference = copy.deepcopy(model)
+    convert(model, case.batch)
+    case.forward_loss(reference).backward()
+    case.forward_loss(model).backward()
+    cosine = torch.nn.functional.cosine_similarity(_grads(model), _grads(reference), dim=0)
+    assert cosine > COSINE_2BIT_FITTED
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "vit", "gemma", "bert"])
+def test_norm_conversion_alone_is_exact_including_one_optimizer_step(name: str) -> None:
+    case = CASES[name]
+    model = case.build().train()
+    reference = copy.deepcopy(model)
+    report = convert(model, case.batch, activations=False)
+    assert report.converted
+    for m in (model, reference):
+        case.forward_loss(m).backward()
+    assert _relative_error(_grads(model), _grads(reference)) < 1e-4
+    for m in (model, reference):
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    for (name_a, a), (name_b, b) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert name_a == name_b
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_strategies_per_architecture() -> None:
+    llama = CASES["llama"].build()
+    report = convert(llama, CASES["llama"].batch)
+    norms = [row for row in report.rows if row.kind == "LlamaRMSNorm"]
+    assert len(norms) == 5 and all("merge" in row.strategy for row in norms)
+    assert report.row("lm_head").strategy == "applies affine of model.norm"
+    assert report.row("model.layers.0.mlp.act_fn").strategy == "step silu 2-bit fitted"
+
+    bert = CASES["bert"].build()
+    report = convert(bert, CASES["bert"].batch)
+    post_ln = report.row("bert.encoder.layer.0.output.LayerNorm")
+    assert post_ln.action == "converted" and "keep" in post_ln.strategy and "add" in post_ln.reason
+    assert "output=input" in post_ln.strategy  # the fp32 residual stream keeps its dtype under autocast
+
+    gpt2 = CASES["gpt2"].build()
+    report = convert(gpt2, CASES["gpt2"].batch)
+    assert report.row("transformer.h.0.attn.c_attn").action == "converted"
+    assert report.row("transformer.h.0.mlp.act").strategy == "step gelu_tanh 2-bit fitted"
+
+
+def test_tied_lm_head_stays_tied() -> None:
+    case = CASES["llama_tied"]
+    model = case.build()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    convert(model, case.batch)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    case.forward_loss(model).backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_pretrained_minilm_skips_the_norm_with_zero_weight() -> None:
+    case = CASES["minilm"]
+    model = case.build()
+    report = convert(model, case.batch)
+    last = report.row("encoder.layer.5.output.LayerNorm")
+    # its output is returned to the caller, so it cannot be merged; its weight has ~0 entries
+    assert last.action == "skipped" and "returned" in last.reason and "min |weight|" in last.reason
+    assert "keep" in report.row("encoder.layer.0.output.LayerNorm").strategy
+
+
+def test_second_conversion_changes_nothing() -> None:
+    case = CASES["gpt2"]
+    model = case.build()
+    convert(model, case.batch)
+    text = repr(model)
+    report = convert(model, case.batch)
+    assert not report.changed and repr(model) == text
+    assert {row.action for row in report.rows} == {"unchanged"}
+
+
+def test_verify_failure_leaves_the_model_unconverted() -> None:
+    case = CASES["pre_ln_block"]
+    model = case.build().train()
+    text = repr(model)
+    with pytest.raises(RuntimeError, match=r"left unconverted.*Converted modules were: norm, fc1, act"):
+        convert(model, case.batch, tolerance=1e-30)
+    assert repr(model) == text
+
+
+def test_nothing_to_convert_warns_and_is_a_no_op() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.warns(UserWarning, match="nothing to convert"):
+        report = convert(model, torch.randn(2, 4))
+    assert not report.changed
+    assert report.row("1").action == "skipped" and "matches none" in report.row("1").reason
+
+
+def test_without_probe_norms_keep_their_affine() -> None:
+    model = CASES["llama"].build()
+    report = convert(model)
+    assert report.bytes_before is None and report.notes and "no probe batch" in report.notes[0]
+    assert "keep" in report.row("model.norm").strategy
+    assert report.row("model.layers.0.mlp.act_fn").action == "converted"
+
+
+def test_small_weight_is_never_kept() -> None:
+    model = CASES["llama"].build()
+    with torch.no_grad():
+        model.model.norm.weight[3] = 0.0
+    report = convert(model)
+    assert report.row("model.norm").action == "skipped"
+    assert "min |weight| = 0.0e+00" in report.row("model.norm").reason
+
+
+@pytest.mark.parametrize(("affine", "expected"), [("merge", "skipped"), ("keep", "converted")])
+def test_forced_affine_strategy(affine: str, expected: str) -> None:
+    case = CASES["bert"]
+    model = case.build()
+    report = convert(model, case.batch, affine=affine)
+    assert report.row("bert.encoder.layer.0.output.LayerNorm").action == expected
+    llama_report = convert(CASES["llama"].build(), CASES["llama"].batch, affine=affine)
+    assert affine in llama_report.row("model.norm").strategy
+
+
+def test_filter_limits_the_conversion() -> None:
+    case = CASES["llama"]
+    model = case.build()
+    report = convert(model, case.batch, filter=lambda module, fqn: "layers.0." in fqn)
+    assert {row.fqn for row in report.rows if "Norm" in row.kind or "Activation" in row.kind} == {
+        "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm", "model.layers.0.mlp.act_fn",
+    }
+
+
+def test_paper_table_skips_activations_it_has_no_table_for() -> None:
+    case = CASES["gpt2"]
+    with pytest.warns(UserWarning, match="nothing to convert"):
+        report = convert(case.build(), case.batch, table="paper", norms=False)
+    row = report.row("transformer.h.0.mlp.act")
+    assert row.action == "skipped" and "table='fitted'" in row.reason
+
+
+class _SharedLinear(nn.Module):
+    """The same linear reads the norm output and another tensor: its affine cannot move there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.norm(x)) + self.proj(x)
+
+
+class _TransposedUse(nn.Module):
+    """A linear over the token axis of the norm output: the affine does not commute with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.mix = nn.Linear(6, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mix(self.norm(x).transpose(-1, -2))
+
+
+class _SliceUse(nn.Module):
+    """A classifier on the first token: a view, feature axis intact, so the merge applies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(x)[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("module", "strategy"), [(_SharedLinear, "keep"), (_TransposedUse, "keep"), (_SliceUse, "merge"), (PreLNBlock, "merge")]
+)
+def test_consumer_tracing(module: type[nn.Module], strategy: str) -> None:
+    model = module()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 6, 8) if module is not PreLNBlock else torch.randn(2, 6, 32)
+    expected = model(x)
+    report = convert(model, x)
+    assert strategy in report.row("norm").strategy
+    torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("name", ["llama", "vit", "gpt2", "bert"])
+def test_bf16_autocast_output_close_and_bytes_lower(name: str) -> None:
+    case = CASES[name]
+    model = case.build().train()
+    reference = copy.deepcopy(model)
+    convert(model, case.batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before, after = _saved_bytes(case, reference), _saved_bytes(case, model)
+        ours, theirs = case.forward_loss(model), case.forward_loss(reference)
+    assert after < before
+    assert _relative_error(ours, theirs) < 2e-2
+    ours.backward()
+
+
+def test_bf16_model_and_gradient_checkpointing() -> None:
+    case = CASES["llama"]
+    model = case.build().to(torch.bfloat16).train()
+    model.gradient_checkpointing_enable()
+    reference = copy.deepcopy(model)
+    report = convert(model, case.batch)
+    assert report.bytes_after < report.bytes_before
+    case.forward_loss(model).backward()
+    case.forward_loss(reference).backward()
+    cosine = torch.nn.functional.cosine_similarity(_grads(model).float(), _grads(reference).float(), dim=0)
+    assert cosine > COSINE_2BIT_FITTED
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"activations": False, "norms": False}, "nothing to convert"),
+        ({"bits": 3}, "bits=3"),
+        ({"table": "paper", "bits": 4}, "pass bits=2"),
+        ({"table": "best"}, "table='best'"),
+        ({"affine": "fold"}, "affine='fold'"),
+        ({"affine": "merge", "norms": False}, "norms=False"),
+        ({"verify": False, "tolerance": 1e-3}, "verify=True"),
+        ({"min_keep_weight": 0.0}, "min_keep_weight"),
+    ],
+)
+def test_bad_options(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        convert(nn.Sequential(nn.GELU()), **options)
+
+
+def test_example_input_and_probe_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="either example_input or probe"):
+        convert(nn.Sequential(nn.GELU()), torch.randn(2), probe=lambda m: m(torch.randn(2)))

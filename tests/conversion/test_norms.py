@@ -1,0 +1,67 @@
+"""Norms are recognised by structure, verified numerically, and keep their parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_approxbp.conversion.norms import build_converted_norm, detect_norm
+
+modeling = pytest.importorskip("transformers.models")
+
+
+def _norms() -> list[tuple[nn.Module, bool, float]]:
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    return [
+        (nn.LayerNorm(16), True, 0.0),
+        (nn.LayerNorm(16, bias=False), True, 0.0),
+        (nn.LayerNorm(16, elementwise_affine=False), True, 0.0),
+        (nn.RMSNorm(16, eps=1e-6), False, 0.0),
+        (LlamaRMSNorm(16), False, 0.0),
+        (MistralRMSNorm(16), False, 0.0),
+        (Qwen2RMSNorm(16), False, 0.0),
+        (T5LayerNorm(16), False, 0.0),
+        (GemmaRMSNorm(16), False, 1.0),
+    ]
+
+
+@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("strategy", ["keep", "merge"])
+def test_detected_and_converted(index: int, strategy: str) -> None:
+    module, centered, offset = _norms()[index]
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(0.5, 1.5)
+    spec = detect_norm(module)
+    assert spec is not None and spec.centered == centered and spec.offset == offset
+    converted = build_converted_norm(module, spec, strategy if spec.has_weight else "plain", "input")
+    assert list(converted.state_dict()) == list(module.state_dict())
+    assert all(a is b for a, b in zip(converted.parameters(), module.parameters(), strict=True))
+    x = torch.randn(3, 5, 16)
+    expected = module(x)
+    if strategy == "merge" and spec.has_weight:  # the affine moves to the consumers
+        weight = module.weight + offset
+        bias = module.bias if getattr(module, "bias", None) is not None else 0.0
+        torch.testing.assert_close(converted(x) * weight + bias, expected)
+    else:
+        torch.testing.assert_close(converted(x), expected)
+    assert "approxbp" in repr(converted)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.GroupNorm(1, 16), nn.BatchNorm1d(16), nn.Linear(16, 16), nn.RMSNorm(16), nn.LayerNorm((4, 16)).eval()],
+    ids=["groupnorm", "batchnorm", "linear", "rmsnorm-eps-none", "layernorm-2d"],
+)
+def test_not_a_convertible_norm(module: nn.Module) -> None:
+    spec = detect_norm(module)
+    if isinstance(module, nn.LayerNorm):  # a 2-D LayerNorm converts but can never merge
+        assert spec is not None and spec.normalized_shape == (4, 16)
+    else:
+        assert spec is None
