@@ -1,0 +1,197 @@
+"""ApproxBPPrecision: Lightning's behaviour per precision string, plus frozen weights in the
+autocast dtype (bit-identical forward, fewer saved bytes), norm/linear sharing, loss scaling."""
+
+from __future__ import annotations
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_approxbp.nn import MSLayerNorm, StepActivation
+from lightning_approxbp.plugins import ApproxBPPrecision, store_frozen_weights
+from lightning_approxbp.saved_tensors import SavedTensorCounter
+
+HALF = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def test_rejects_unknown_precision() -> None:
+    with pytest.raises(ValueError, match="Choose one of: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true"):
+        ApproxBPPrecision("64-true")
+
+
+@pytest.mark.parametrize(
+    ("precision", "delegate"),
+    [("32-true", Precision), ("bf16-mixed", MixedPrecision), ("16-mixed", MixedPrecision), ("bf16-true", HalfPrecision)],
+)
+def test_delegates_to_lightnings_plugin(precision: str, delegate: type) -> None:
+    plugin = ApproxBPPrecision(precision, device="cpu")
+    assert type(plugin.plugin) is delegate
+    assert (plugin.scaler is not None) == (precision == "16-mixed")
+
+
+class _FrozenBackbone(nn.Module):
+    """Linear, Conv1d, Conv2d and transformers Conv1D layers, frozen, under a trainable head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.conv2d = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.gpt_proj = Conv1D(32, 8)
+        self.linear = nn.Linear(32, 32)
+        self.act = StepActivation("gelu")
+        self.norm = MSLayerNorm(32, elementwise_affine=False)
+        self.head = nn.Linear(32, 4)
+        for module in (self.conv2d, self.conv1d, self.gpt_proj, self.linear):
+            module.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2d(x).flatten(2)  # (B, 8, H*W)
+        h = self.conv1d(h).transpose(1, 2).contiguous()  # (B, H*W, 8)
+        h = self.act(self.linear(self.gpt_proj(h)))
+        return self.head(self.norm(h))
+
+
+@pytest.mark.parametrize("half", ["bf16", "16"])
+def test_frozen_weights_forward_is_bit_identical_and_saves_less(half: str) -> None:
+    precision = f"{half}-mixed"
+    model = _FrozenBackbone()
+    reference = copy.deepcopy(model)
+    plugin = ApproxBPPrecision(precision, device="cpu")
+    plugin.convert_module(model)
+    lightning_plugin = MixedPrecision(precision, "cpu")  # type: ignore[arg-type]
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)  # as when adapters upstream train
+
+    results = []
+    for module, amp in ((reference, lightning_plugin), (model, plugin)):
+        with SavedTensorCounter(exclude=module.parameters()) as counter, amp.forward_context():
+            out = module(x)
+        out.float().square().sum().backward()
+        results.append((out, [p.grad for p in module.head.parameters()], counter.stats))
+    (ref_out, ref_grads, ref_stats), (out, grads, stats) = results
+
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    frozen = [model.conv2d, model.conv1d, model.gpt_proj, model.linear]
+    assert all(p.dtype == HALF[half] for m in frozen for p in m.parameters())
+    assert all(p.dtype == torch.float32 for p in model.head.parameters())
+    # Without the plugin, autocast makes a half-precision copy of each frozen weight and saves it.
+    frozen_weight_bytes = sum(m.weight.numel() * 2 for m in frozen)
+    assert ref_stats.activation_bytes - stats.activation_bytes == frozen_weight_bytes
+
+
+def test_weight_tied_to_an_embedding_is_left_alone() -> None:
+    embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    model = nn.Sequential(embedding, head).requires_grad_(False)
+    assert store_frozen_weights(model, torch.bfloat16) == {}
+    assert embedding.weight.dtype == torch.float32
+
+
+def test_trainable_and_non_autocast_layers_keep_their_dtype() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4).requires_grad_(False))
+    assert store_frozen_weights(model, torch.bfloat16) == {}
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_ms_norm_and_next_linear_save_one_half_precision_copy(precision: str) -> None:
+    model = nn.Sequential(MSLayerNorm(64, elementwise_affine=False), nn.Linear(64, 64))
+    plugin = ApproxBPPrecision(precision, device="cpu")
+    plugin.convert_module(model)
+    x = plugin.convert_input(torch.randn(8, 64, requires_grad=True))
+    with SavedTensorCounter(exclude=model.parameters()) as counter, plugin.forward_context():
+        model(x)
+    rows = 8
+    weight_copy = 0 if precision == "bf16-true" else 64 * 64 * 2  # autocast's copy of the trainable weight
+    assert counter.stats.bytes_by_dtype == {"bfloat16": rows * 64 * 2 + weight_copy, "float32": rows * 4}
+
+
+def test_true_precision_resets_a_wider_norm_output_dtype() -> None:
+    model = nn.Sequential(MSLayerNorm(16, output_dtype=torch.float32), nn.Linear(16, 16))
+    plugin = ApproxBPPrecision("bf16-true")
+    plugin.convert_module(model)
+    assert model[0].output_dtype is None
+    with plugin.forward_context():
+        assert model(plugin.convert_input(torch.randn(2, 16))).dtype == torch.bfloat16
+
+
+class _Overflowing(LightningModule):
+    """fp16 loss so large that the scaled gradients overflow; passes through ApproxBP ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 16), StepActivation("gelu"), MSLayerNorm(16), nn.Linear(16, 1))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.net(batch).float().sum() * 1e4
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.randn(8, 16), batch_size=8)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_16_mixed_skips_the_step_on_inf_gradients() -> None:
+    model = _Overflowing()
+    before = copy.deepcopy(model.state_dict())
+    plugin = ApproxBPPrecision("16-mixed")
+    trainer = Trainer(
+        accelerator="cpu", max_steps=1, plugins=[plugin], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model)
+    assert trainer.precision == "16-mixed"
+    assert plugin.scaler is not None and plugin.scaler.get_scale() == 2.0**15  # halved after the skipped step
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+class _FrozenFirstLayer(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(16, 16).requires_grad_(False)
+        self.head = nn.Linear(16, 1)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        out = self.head(self.frozen(batch))
+        assert self.frozen.weight.dtype == torch.bfloat16
+        return out.float().square().mean()
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.randn(8, 16), batch_size=4)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+
+def test_trainer_fit_stores_frozen_weights_and_restores_dtype_after() -> None:
+    model = _FrozenFirstLayer()
+    trainer = Trainer(
+        accelerator="cpu", max_epochs=1, plugins=[ApproxBPPrecision("bf16-mixed")], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model)
+    assert trainer.precision == "bf16-mixed"
+    assert model.frozen.weight.dtype == torch.float32  # teardown restored it (values bf16-rounded)
+    assert torch.equal(model.frozen.weight, model.frozen.weight.bfloat16().float())
+
+
+def test_sharding_strategies_fail_with_instructions() -> None:
+    model = _FrozenFirstLayer()
+    model.trainer = mock.Mock(strategy=ModelParallelStrategy())
+    with pytest.raises(MisconfigurationException, match=r"pass `Trainer\(precision='bf16-mixed'\)` instead"):
+        ApproxBPPrecision("bf16-mixed").convert_module(model)
