@@ -1,0 +1,241 @@
+"""The ApproxBP callback in real (tiny) Trainer runs on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_approxbp import ApproxBP
+from lightning_approxbp.conversion.norms import ConvertedRMSNorm
+from lightning_approxbp.nn import StepActivation
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 128, 12
+
+
+def _llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def _ids(n: int = 4) -> Tensor:
+    return torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+class LitLM(LightningModule):
+    def __init__(self, gradient_checkpointing: bool = False, example: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = self._build()
+        if example:
+            self.example_input_array = _ids(2)
+
+    def _build(self) -> nn.Module | None:
+        model = _llama()
+        if self.hparams.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        (ids,) = batch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(_ids()), batch_size=2)
+
+
+class LitBuiltInConfigureModel(LitLM):
+    def _build(self) -> nn.Module | None:
+        return None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = _llama()
+
+
+class LitTiny(LightningModule):
+    """Nothing to convert: Linear and ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=2)
+
+
+def _trainer(callbacks: list, **kwargs: Any) -> Trainer:
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu", "devices": 1, "max_steps": 2, "limit_val_batches": 0, "logger": False,
+        "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+    }
+    return Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+
+
+def _converted(module: nn.Module) -> bool:
+    kinds = {type(m) for m in module.modules()}
+    return StepActivation in kinds and ConvertedRMSNorm in kinds
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
+def test_fit_converts_once_in_every_precision(precision: str) -> None:
+    callback = ApproxBP()
+    model = LitLM()
+    _trainer([callback], precision=precision).fit(model)
+    assert _converted(model)
+    assert callback.report is not None and callback.report.probe == "training_step on the first train batch"
+    assert callback.report.bytes_after < callback.report.bytes_before
+    assert torch.isfinite(model.trainer.callback_metrics["train_loss"])
+    report = callback.report
+    _trainer([callback], precision=precision).fit(model)  # second fit: nothing redone
+    assert callback.report is report
+
+
+def test_example_input_array_and_gradient_checkpointing() -> None:
+    callback = ApproxBP()
+    model = LitLM(gradient_checkpointing=True, example=True)
+    _trainer([callback]).fit(model)
+    assert callback.report.probe == "example_input_array" and _converted(model)
+
+
+def test_datamodule_batch_is_the_probe_and_rng_is_untouched() -> None:
+    class DataModule(LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(_ids()), batch_size=2, shuffle=True)
+
+    class LitNoLoader(LitLM):
+        train_dataloader = LightningModule.train_dataloader
+
+    callback = ApproxBP()
+    torch.manual_seed(7)
+    expected = torch.rand(1)
+    torch.manual_seed(7)
+    callback.setup(_trainer([]), LitNoLoader(), "validate")  # other stages: nothing happens
+    assert callback.report is None
+    trainer = _trainer([callback], max_steps=1)
+    trainer.fit(LitNoLoader(), datamodule=DataModule())
+    assert callback.report.probe == "training_step on the first train batch"
+    torch.manual_seed(7)
+    trainer = _trainer([])
+    setup_callback = ApproxBP()
+    model = LitNoLoader()
+    model.trainer = trainer
+    trainer.strategy.connect(model)
+    trainer._data_connector.attach_datamodule(model, DataModule())
+    state = torch.random.get_rng_state()
+    setup_callback.setup(trainer, model, "fit")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert setup_callback.report.converted and expected.numel() == 1
+
+
+def test_layers_built_in_configure_model_are_converted() -> None:
+    callback = ApproxBP()
+    model = LitBuiltInConfigureModel()
+    _trainer([callback]).fit(model)
+    assert _converted(model) and callback.report.converted
+    assert "configure_model" not in vars(model)  # the temporary wrapper is gone
+
+
+def test_nothing_to_convert_warns() -> None:
+    callback = ApproxBP()
+    with pytest.warns(UserWarning, match="nothing to convert"):
+        _trainer([callback]).fit(LitTiny())
+    assert not callback.report.changed
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"activations": False, "norms": False}, "enable at least one"),
+        ({"table": "paper", "bits": 1}, "pass bits=2"),
+        ({"affine": "keep", "norms": False}, "norms=False"),
+    ],
+)
+def test_conflicting_options_fail_at_construction(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ApproxBP(**options)
+
+
+def test_checkpoint_loads_strictly_into_the_unconverted_module_and_resume_continues(tmp_path: Path) -> None:
+    # one epoch is 2 steps; the epoch-end checkpoint resumes at a clean epoch boundary
+    epoch = {"max_steps": -1, "enable_checkpointing": True, "default_root_dir": tmp_path}
+    trained = LitLM()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer([ApproxBP(), checkpoint], max_epochs=1, **epoch).fit(trained)
+    path = tmp_path / "last.ckpt"
+    assert set(torch.load(path, weights_only=True)["state_dict"]) == set(LitLM().state_dict())
+
+    plain = LitLM.load_from_checkpoint(path, strict=True)
+    assert not _converted(plain)
+    ids = _ids(2)
+    trained.eval()
+    plain.eval()
+    torch.testing.assert_close(plain(ids), trained(ids), rtol=1e-5, atol=1e-5)
+
+    resumed, straight = LitLM(), LitLM()
+    _trainer([ApproxBP()], max_epochs=2, **epoch).fit(resumed, ckpt_path=path)
+    _trainer([ApproxBP()], max_epochs=2, **epoch).fit(straight)
+    assert _converted(resumed)
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+_DDP_SCRIPT = """
+import json, os, sys
+import torch
+sys.path.insert(0, {root!r})
+from tests.callbacks.test_approxbp import LitLM, _trainer
+from lightning_approxbp import ApproxBP
+
+callback = ApproxBP()
+model = LitLM()
+trainer = _trainer([callback], strategy="ddp", devices=2, max_steps=2)
+trainer.fit(model)
+checksum = sum(p.detach().double().sum().item() for p in model.parameters())
+out = {{"rank": trainer.global_rank, "checksum": checksum, "converted": len(callback.report.converted)}}
+with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_ddp_two_processes_stay_in_sync(tmp_path: Path) -> None:
+    root = str(Path(__file__).resolve().parents[2])
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(textwrap.dedent(_DDP_SCRIPT.format(root=root, out=str(tmp_path))))
+    env = {**os.environ, "PYTHONPATH": root}
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, timeout=240)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["converted"] == ranks[1]["converted"] > 0
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-7)
