@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -129,6 +129,15 @@ def test_example_input_array_and_gradient_checkpointing() -> None:
     assert callback.report.probe == "example_input_array" and _converted(model)
 
 
+class _RecordRNG(Callback):
+    """Records the global RNG state at setup (it runs after ApproxBP's setup)."""
+
+    state: Tensor | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.state = torch.random.get_rng_state()
+
+
 def test_datamodule_batch_is_the_probe_and_rng_is_untouched() -> None:
     class DataModule(LightningDataModule):
         def train_dataloader(self) -> DataLoader:
@@ -137,26 +146,17 @@ def test_datamodule_batch_is_the_probe_and_rng_is_untouched() -> None:
     class LitNoLoader(LitLM):
         train_dataloader = LightningModule.train_dataloader
 
+    states, approxbp = [], ApproxBP()
+    for callbacks in ([approxbp], []):
+        model, recorder = LitNoLoader(), _RecordRNG()
+        torch.manual_seed(7)
+        _trainer([*callbacks, recorder], max_steps=1).fit(model, datamodule=DataModule())
+        states.append(recorder.state)
+    assert torch.equal(states[0], states[1])
+    assert approxbp.report.probe == "training_step on the first train batch"
     callback = ApproxBP()
-    torch.manual_seed(7)
-    expected = torch.rand(1)
-    torch.manual_seed(7)
     callback.setup(_trainer([]), LitNoLoader(), "validate")  # other stages: nothing happens
     assert callback.report is None
-    trainer = _trainer([callback], max_steps=1)
-    trainer.fit(LitNoLoader(), datamodule=DataModule())
-    assert callback.report.probe == "training_step on the first train batch"
-    torch.manual_seed(7)
-    trainer = _trainer([])
-    setup_callback = ApproxBP()
-    model = LitNoLoader()
-    model.trainer = trainer
-    trainer.strategy.connect(model)
-    trainer._data_connector.attach_datamodule(model, DataModule())
-    state = torch.random.get_rng_state()
-    setup_callback.setup(trainer, model, "fit")
-    assert torch.equal(torch.random.get_rng_state(), state)
-    assert setup_callback.report.converted and expected.numel() == 1
 
 
 def test_layers_built_in_configure_model_are_converted() -> None:
@@ -165,6 +165,19 @@ def test_layers_built_in_configure_model_are_converted() -> None:
     _trainer([callback]).fit(model)
     assert _converted(model) and callback.report.converted
     assert "configure_model" not in vars(model)  # the temporary wrapper is gone
+
+
+def test_training_step_that_needs_the_optimizer_falls_back_to_no_probe() -> None:
+    class LitNeedsOptimizer(LitLM):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+            return super().training_step(batch, batch_idx)
+
+    callback = ApproxBP()
+    model = LitNeedsOptimizer()
+    with pytest.warns(UserWarning, match="could not run on the probe batch"):
+        _trainer([callback]).fit(model)
+    assert callback.report.probe == "none" and "keep" in callback.report.row("model.model.norm").strategy
 
 
 def test_nothing_to_convert_warns() -> None:
