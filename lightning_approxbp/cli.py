@@ -1,0 +1,145 @@
+r"""
+Command line
+============
+
+``lightning fit --config configs/approxbp.yaml`` (also ``approxbp ...`` and
+``python -m lightning_approxbp ...``): a :class:`~lightning.pytorch.cli.LightningCLI` with
+``fit``/``validate``/``test``/``predict``, any LightningModule/LightningDataModule in subclass
+mode, and this package's callbacks, plugin and recipes importable by short name in YAML
+(``class_path: PeakMemoryMonitor``).
+
+- Other first arguments (``lightning login``, ``lightning run ...``) go to the ``lightning``
+  command of the ``lightning-sdk`` package when it is installed, so installing this package
+  does not take that command away.
+- ``--config NAME`` that does not exist as given is looked up in ``./configs/`` and then in the
+  ``configs/`` folder of the source checkout this package runs from (editable installs), with
+  ``.yaml`` appended when ``NAME`` has no suffix. So ``--config approxbp.yaml``,
+  ``--config approxbp`` and ``--config configs/approxbp.yaml`` all work from a checkout.
+- Re-runs overwrite the ``config.yaml`` that LightningCLI saves in the log directory.
+
+Example::
+
+    lightning fit --config configs/approxbp.yaml --trainer.max_epochs=1
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+SUBCOMMANDS: tuple[str, ...] = ("fit", "validate", "test", "predict")
+SDK_DISTRIBUTION = "lightning-sdk"
+# Imported before parsing so that YAML can name their classes without the module path.
+SHORT_NAME_MODULES: tuple[str, ...] = (
+    "lightning_approxbp.callbacks.approxbp",
+    "lightning_approxbp.callbacks.peak_memory",
+    "lightning_approxbp.plugins",
+    "lightning_approxbp.recipes",
+)
+CONFIG_FLAGS: tuple[str, ...] = ("-c", "--config")
+SOURCE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def main(args: Sequence[str] | None = None) -> Any:
+    """Entry point of the ``lightning`` and ``approxbp`` commands.
+
+    Args:
+        args: command-line arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns:
+        What ``lightning-sdk``'s command returns when the arguments are handed to it, else ``None``.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if _is_sdk_command(argv):
+        entry_point = sdk_entry_point()
+        if entry_point is not None:
+            return _run_sdk(entry_point, argv)
+    cli(resolve_config_paths(argv))
+    return None
+
+
+def cli(args: Sequence[str], run: bool = True) -> LightningCLI:
+    """Build (and by default run) the LightningCLI for ``args``."""
+    for module in SHORT_NAME_MODULES:
+        importlib.import_module(module)
+    return LightningCLI(
+        model_class=None,
+        datamodule_class=None,
+        save_config_kwargs={"overwrite": True},
+        args=list(args),
+        run=run,
+    )
+
+
+def sdk_entry_point() -> importlib.metadata.EntryPoint | None:
+    """The ``lightning`` console script of the ``lightning-sdk`` distribution, if installed."""
+    try:
+        distribution = importlib.metadata.distribution(SDK_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry_point in distribution.entry_points:
+        if entry_point.group == "console_scripts" and entry_point.name == "lightning":
+            return entry_point
+    return None
+
+
+def resolve_config_paths(argv: Sequence[str]) -> list[str]:
+    """Replace every ``--config``/``-c`` value that is not an existing file by the file it names.
+
+    Values that resolve to nothing (or are inline YAML) are left for the parser to report.
+
+    Example::
+
+        >>> resolve_config_paths(["fit", "--config", "no-such-file.yaml"])
+        ['fit', '--config', 'no-such-file.yaml']
+    """
+    resolved = list(argv)
+    for i, arg in enumerate(resolved):
+        flag, sep, value = arg.partition("=")
+        if flag not in CONFIG_FLAGS:
+            continue
+        if sep:
+            resolved[i] = f"{flag}={find_config(value)}"
+        elif i + 1 < len(resolved):
+            resolved[i + 1] = find_config(resolved[i + 1])
+    return resolved
+
+
+def find_config(name: str) -> str:
+    """The path of config ``name`` (see the module docstring), or ``name`` unchanged."""
+    if Path(name).is_file() or not _looks_like_path(name):
+        return name
+    names = [name] if Path(name).suffix else [name, f"{name}.yaml"]
+    for folder in (Path.cwd(), Path.cwd() / "configs", SOURCE_CONFIG_DIR):
+        for candidate in names:
+            path = folder / candidate
+            if path.is_file():
+                return str(path)
+            path = folder / Path(candidate).name
+            if path.is_file():
+                return str(path)
+    return name
+
+
+def _looks_like_path(value: str) -> bool:
+    return bool(value) and not any(c in value for c in "{}:\n ")
+
+
+def _is_sdk_command(argv: Sequence[str]) -> bool:
+    return bool(argv) and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-")
+
+
+def _run_sdk(entry_point: importlib.metadata.EntryPoint, argv: list[str]) -> Any:
+    command = entry_point.load()
+    saved = sys.argv
+    sys.argv = ["lightning", *argv]  # click-based commands read sys.argv
+    try:
+        return command()
+    finally:
+        sys.argv = saved

@@ -1,0 +1,134 @@
+"""The ``lightning``/``approxbp`` command: LightningCLI with short names, config lookup,
+hand-over to lightning-sdk, ``python -m lightning_approxbp``."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_approxbp import cli
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": "lightning_logs", "name": "tiny"}},
+        "callbacks": [{"class_path": "PeakMemoryMonitor"}],
+        "plugins": [{"class_path": "ApproxBPPrecision", "init_args": {"precision": "bf16-mixed"}}],
+    },
+    "model": {"class_path": "lightning.pytorch.demos.boring_classes.BoringModel"},
+    "data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _program_name_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning"])  # not pytest's arguments
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_CONFIG))
+    return path
+
+
+def test_fit_with_short_names_twice_in_the_same_dir(tiny_config: Path) -> None:
+    for _ in range(2):  # the second run overwrites the saved config.yaml instead of failing
+        cli.main(["fit", "--config", str(tiny_config)])
+    metrics = sorted(Path("lightning_logs/tiny").glob("version_*/metrics.csv"))
+    assert len(metrics) == 2
+    assert "peak_memory/saved_activation_bytes" in metrics[-1].read_text()
+
+
+def test_short_names_resolve(tiny_config: Path) -> None:
+    parsed = cli.cli(["--config", str(tiny_config)], run=False)
+    from lightning_approxbp.callbacks.peak_memory import PeakMemoryMonitor
+    from lightning_approxbp.plugins import ApproxBPPrecision
+
+    assert any(isinstance(c, PeakMemoryMonitor) for c in parsed.trainer.callbacks)
+    assert isinstance(parsed.trainer.precision_plugin, ApproxBPPrecision)
+
+
+def test_config_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.find_config("approxbp.yaml") == str(REPO / "configs" / "approxbp.yaml")
+    assert cli.find_config("approxbp") == str(REPO / "configs" / "approxbp.yaml")
+    assert cli.find_config("configs/baseline.yaml") == str(REPO / "configs" / "baseline.yaml")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "approxbp.yaml").write_text("{}")
+    assert cli.find_config("approxbp.yaml") == str(tmp_path / "configs" / "approxbp.yaml")
+    assert cli.resolve_config_paths(["fit", "-c=approxbp", "--config", "missing.yaml"]) == [
+        "fit", f"-c={tmp_path / 'configs' / 'approxbp.yaml'}", "--config", "missing.yaml",
+    ]
+    assert cli.find_config("{trainer: {max_epochs: 1}}") == "{trainer: {max_epochs: 1}}"
+
+
+class _FakeEntryPoint:
+    group, name = "console_scripts", "lightning"
+
+    def __init__(self, calls: list[list[str]]) -> None:
+        self.calls = calls
+
+    def load(self):  # noqa: ANN201
+        return lambda: self.calls.append(list(sys.argv)) or 0
+
+
+class _FakeDistribution:
+    def __init__(self, entry_points: list[object]) -> None:
+        self.entry_points = entry_points
+
+
+def test_other_commands_go_to_lightning_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def distribution(name: str) -> _FakeDistribution:
+        assert name == "lightning-sdk"
+        return _FakeDistribution([_FakeEntryPoint(calls)])
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    assert cli.main(["login", "--key", "x"]) == 0
+    assert calls == [["lightning", "login", "--key", "x"]]
+    with pytest.raises(SystemExit):  # fit stays here, and has no model
+        cli.main(["fit", "--trainer.max_epochs=1"])
+    assert len(calls) == 1
+
+
+def test_without_lightning_sdk_unknown_commands_are_parse_errors(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["login"])
+    assert "login" in capsys.readouterr().err
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_python_m_runs_the_main_config_fast_dev_run(tmp_path: Path) -> None:
+    result = _run(sys.executable, "-m", "lightning_approxbp", "fit", "--config", "approxbp.yaml",
+                  "--trainer.fast_dev_run=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "converted" in output and "saved for backward on the probe batch" in output  # the conversion report
+
+
+@pytest.mark.skipif(shutil.which("approxbp") is None, reason="console scripts not installed (pip install -e .)")
+def test_console_script_help(tmp_path: Path) -> None:
+    result = _run("approxbp", "fit", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout
