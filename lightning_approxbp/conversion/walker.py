@@ -69,7 +69,7 @@ class SwapLog:
         SiLU()
         >>> log.undo_all()
         >>> model[0]
-        GELU()
+        GELU(approximate='none')
     """
 
     def __init__(self) -> None:
