@@ -64,8 +64,8 @@ def _features(spec: NormSpec) -> int:
     return spec.normalized_shape[0] if len(spec.normalized_shape) == 1 else -1
 
 
-def _min_abs_gamma(norm: nn.Module) -> float | None:
-    scale = gamma(norm)
+def _min_abs_gamma(norm: nn.Module, offset: float) -> float | None:
+    scale = gamma(norm, offset)
     return None if scale is None or scale.numel() == 0 else scale.abs().min().item()
 
 
@@ -87,12 +87,12 @@ def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
         merge = _Decision(None, reason=f"output also used by {blockers}")
     if config.affine == "merge" or (config.affine == "auto" and merge.strategy):
         return merge
-    smallest = _min_abs_gamma(candidate.site.module)
+    smallest = _min_abs_gamma(candidate.site.module, spec.offset)
     if smallest is not None and smallest < config.min_keep_weight:
         reason = f"min |weight| = {smallest:.1e} < min_keep_weight = {config.min_keep_weight:g}: output recovery unsafe"
         return _Decision(None, reason=reason if config.affine == "keep" else f"{merge.reason}; {reason}")
     keep_reason = "affine kept (forced)" if config.affine == "keep" else f"{merge.reason}; affine kept"
-    return _Decision("keep", output, reason=keep_reason + (f", min |weight| = {smallest:.2g}" if smallest else ""))
+    return _Decision("keep", output, reason=keep_reason + (f", min |weight| = {smallest:.2g}" if smallest is not None else ""))
 
 
 class _Conversion:

@@ -120,12 +120,10 @@ def detect_norm(module: nn.Module) -> NormSpec | None:
     return None
 
 
-def gamma(module: nn.Module) -> Tensor | None:
+def gamma(module: nn.Module, offset: float) -> Tensor | None:
     """The effective scale ``weight + offset`` of a norm (``None`` without weight)."""
     weight = getattr(module, "weight", None)
-    if weight is None:
-        return None
-    return weight.detach() + getattr(module, "offset", 0.0)
+    return None if weight is None else weight.detach() + offset
 
 
 class _ConvertedNorm:

@@ -148,11 +148,12 @@ def test_nothing_to_convert_warns_and_is_a_no_op() -> None:
     assert report.row("1").action == "skipped" and "matches none" in report.row("1").reason
 
 
-def test_without_probe_norms_keep_their_affine() -> None:
-    model = CASES["llama"].build()
+@pytest.mark.parametrize("name", ["llama", "gemma"])  # Gemma: weight 0 means scale 1 + 0
+def test_without_probe_norms_keep_their_affine(name: str) -> None:
+    model = CASES[name].build()
     report = convert(model)
     assert report.bytes_before is None and report.notes and "no probe batch" in report.notes[0]
-    assert "keep" in report.row("model.norm").strategy
+    assert "keep" in report.row("model.norm").strategy, report.row("model.norm").reason
     assert report.row("model.layers.0.mlp.act_fn").action == "converted"
 
 
