@@ -92,7 +92,11 @@ def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
         reason = f"min |weight| = {smallest:.1e} < min_keep_weight = {config.min_keep_weight:g}: output recovery unsafe"
         return _Decision(None, reason=reason if config.affine == "keep" else f"{merge.reason}; {reason}")
     keep_reason = "affine kept (forced)" if config.affine == "keep" else f"{merge.reason}; affine kept"
-    return _Decision("keep", output, reason=keep_reason + (f", min |weight| = {smallest:.2g}" if smallest is not None else ""))
+    if smallest is not None:
+        keep_reason += f", min |weight| = {smallest:.2g}"
+    if output == "input":
+        keep_reason += "; emits its input dtype under autocast (output feeds more than linear layers)"
+    return _Decision("keep", output, reason=keep_reason)
 
 
 class _Conversion:

@@ -252,3 +252,13 @@ def test_ddp_two_processes_stay_in_sync(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["converted"] == ranks[1]["converted"] > 0
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-7)
+
+
+@pytest.mark.gpu
+def test_fsdp_on_one_gpu() -> None:
+    callback = ApproxBP()
+    model = LitLM()
+    trainer = _trainer([callback], accelerator="cuda", strategy="fsdp", precision="bf16-mixed")
+    trainer.fit(model)
+    assert _converted(model) and callback.report.converted
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
