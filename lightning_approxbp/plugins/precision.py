@@ -31,15 +31,16 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_approxbp.conversion.merged import MERGED_TYPES
 from lightning_approxbp.nn import MSLayerNorm, MSRMSNorm
 
 PRECISIONS: tuple[str, ...] = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 
 _DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
-# Modules whose forward is a single autocast-listed op (linear, addmm, convNd) on the weight:
-# autocast rounds their weights to the autocast dtype at every call. Exact types only: a
-# subclass may use its weight differently.
-_AUTOCAST_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Modules whose forward rounds the weight to the autocast dtype at every call: one autocast-listed
+# op (linear, addmm, convNd), or the ApproxBP merged linears (which cast to the autocast dtype
+# themselves). Exact types only: a subclass may use its weight differently.
+_AUTOCAST_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *MERGED_TYPES)
 _AUTOCAST_MODULE_NAMES = frozenset({"transformers.pytorch_utils.Conv1D"})
 # Strategies that need their own precision type or own the module's dtypes.
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
@@ -53,8 +54,8 @@ class ApproxBPPrecision(Precision):
     called for every hook), plus:
 
     - **Frozen weights stored in the autocast dtype** (``"16-mixed"``, ``"bf16-mixed"``). The
-      weight (and bias) of frozen ``nn.Linear``, ``nn.Conv1d/2d/3d`` and transformers ``Conv1D``
-      layers are stored in the autocast dtype. Autocast rounds them to exactly these values at
+      weight (and bias) of frozen ``nn.Linear``, ``nn.Conv1d/2d/3d``, transformers ``Conv1D``
+      and the ApproxBP merged linears are stored in the autocast dtype. Autocast rounds them to exactly these values at
       every call, so the forward is bit-identical; but no per-step half-precision copy of each
       frozen weight is made and kept for backward, and the weights take half the memory.
       This is what LoRA and frozen-backbone fine-tuning gain. Trainable weights stay fp32
@@ -263,8 +264,9 @@ def store_frozen_weights(module: nn.Module, dtype: torch.dtype) -> dict[nn.Param
     """Store the frozen weights of autocast-cast layers in ``dtype``, in place.
 
     A parameter is converted only when it does not require grad, is floating point and wider
-    than ``dtype``, and every module that holds it is an exact ``nn.Linear``/``nn.ConvNd`` or
-    transformers ``Conv1D`` (a weight tied to an embedding is left alone). Parameter objects are
+    than ``dtype``, and every module that holds it is an exact ``nn.Linear``/``nn.ConvNd``,
+    transformers ``Conv1D`` or ApproxBP merged linear (a weight tied to an embedding is left
+    alone). Parameter objects are
     kept, so references (optimizers, tied modules) stay valid.
 
     Returns:
