@@ -37,6 +37,7 @@ def test_output_equal_bytes_lower_report_truthful(case: Case) -> None:
     model = case.build().train()
     reference = copy.deepcopy(model)
     keys = list(model.state_dict())
+    trainable = [(name, p.requires_grad) for name, p in model.named_parameters()]
 
     report = convert(model, case.batch)
 
@@ -48,6 +49,7 @@ def test_output_equal_bytes_lower_report_truthful(case: Case) -> None:
     for ours, theirs in zip(output_tensors(case.call(model)), output_tensors(case.call(reference)), strict=True):
         assert _relative_error(ours, theirs) < 1e-5
     assert list(model.state_dict()) == keys
+    assert [(name, p.requires_grad) for name, p in model.named_parameters()] == trainable
     reference.load_state_dict(model.state_dict(), strict=True)
     model.load_state_dict(reference.state_dict(), strict=True)
     assert str(report).startswith("ApproxBP conversion (probe: example_input)")
@@ -268,6 +270,29 @@ def test_bf16_model_and_gradient_checkpointing() -> None:
     case.forward_loss(model).backward()
     case.forward_loss(reference).backward()
     cosine = torch.nn.functional.cosine_similarity(_grads(model).float(), _grads(reference).float(), dim=0)
+    assert cosine > COSINE_2BIT_FITTED
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, use_reentrant: bool) -> None:
+        super().__init__()
+        self.block = PreLNBlock()
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_torch_checkpoint(use_reentrant: bool) -> None:
+    model = _Checkpointed(use_reentrant)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    report = convert(model, x)
+    assert "merge" in report.row("block.norm").strategy
+    for m in (model, reference):
+        m(x).pow(2).mean().backward()
+    cosine = torch.nn.functional.cosine_similarity(_grads(model), _grads(reference), dim=0)
     assert cosine > COSINE_2BIT_FITTED
 
 
