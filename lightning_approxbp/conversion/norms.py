@@ -93,8 +93,9 @@ def reference_output(spec: NormSpec, x: Tensor, weight: Tensor | None, bias: Ten
 def _matches(module: nn.Module, spec: NormSpec) -> bool:
     weight = getattr(module, "weight", None) if spec.has_weight else None
     dtype = weight.dtype if weight is not None else torch.float32
+    device = weight.device if weight is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, *spec.normalized_shape, generator=generator).mul_(3).add_(1.5).to(dtype)
+    x = torch.randn(2, 5, *spec.normalized_shape, generator=generator).mul_(3).add_(1.5).to(device, dtype)
     try:
         with torch.no_grad():
             expected = module(x)

@@ -66,7 +66,7 @@ def test_gradients_close_to_exact(case: Case) -> None:
     assert cosine > COSINE_2BIT_FITTED
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "vit", "gemma", "bert"])
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "peft_llama", "gpt2", "vit", "gemma", "bert"])
 def test_norm_conversion_alone_is_exact_including_one_optimizer_step(name: str) -> None:
     case = CASES[name]
     model = case.build().train()
