@@ -1,0 +1,385 @@
+"""Activation memory of real transformer blocks: bytes saved for backward per token per block.
+
+For ViT-B/16, BERT-base, RoBERTa-base, GPT-2, and LLaMA-7B-, Mistral-7B- and Qwen2-7B-shaped
+layers (transformers models built from configs at their true widths, one layer, small vocab,
+train mode with the configs' own dropout), under three precisions:
+
+- ``32-true``: fp32 parameters and compute;
+- ``bf16-mixed``: fp32 parameters, ``torch.autocast("cpu", torch.bfloat16)`` around the forward;
+- ``bf16-true``: ``model.to(torch.bfloat16)``, no autocast;
+
+and five variants: ``baseline``, ``activations`` (``convert(..., norms=False)``), ``norms``
+(``convert(..., activations=False)``), ``both`` (``convert(...)``) and ``checkpoint``
+(transformers ``gradient_checkpointing_enable``, non-reentrant ``torch.utils.checkpoint``).
+Conversion gets the benchmark batch as its probe, so norm affines merge into their consumers.
+
+How the bytes are counted (device independent, exact, CPU):
+
+- ``torch.autograd.graph.saved_tensors_hooks`` sees every tensor saved for backward while the
+  block runs; each storage is counted once (``untyped_storage().data_ptr()``), parameter
+  storages are excluded (autograd references them, it does not copy them).
+- Autocast weight copies are reported apart: a saved non-parameter storage of exactly the size
+  of one of the block's parameters, whose shape is that parameter's shape or its transpose and
+  whose dtype differs from it (the bf16 copy that autocast makes of an fp32 weight for a matmul).
+  Activations never have a parameter's shape at the token counts used here (197 and 256).
+- Each saved storage is attributed to the innermost module running when it was first saved
+  (forward pre/post hooks), and bucketed by that module's class: norm, activation, linear
+  input, attention, dropout mask, other (e.g. the gated-MLP product, residual adds).
+- With checkpointing the block saves nothing through these hooks; what stays alive is the
+  block's tensor inputs, kept by the checkpoint for the recomputation. They are counted instead
+  (bucket "checkpoint inputs"; rotary cos/sin tables included).
+
+Bytes are divided by the number of tokens (197 = one 224 px image for ViT, 256 otherwise) and
+also shown in units of the hidden size d ("bytes per token / d").
+
+    python benchmarks/activation_memory.py            # writes results/activation_memory_cpu.{json,md,png}
+    python benchmarks/activation_memory.py --quick    # toy widths, prints only (or --out DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_approxbp import convert
+
+from _common import RESULTS_DIR, machine_name
+
+PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "bf16-true")
+VARIANTS: tuple[str, ...] = ("baseline", "activations", "norms", "both", "checkpoint")
+BUCKETS: tuple[str, ...] = ("norm", "activation", "linear input", "attention", "dropout mask", "other", "checkpoint inputs")
+TARGETS: dict[str, float] = {"ViT-B/16": 0.60, "LLaMA-7B-shaped": 0.55}  # bf16-mixed, both / baseline
+VOCAB = 1000
+
+
+@dataclass
+class Workload:
+    """A one-layer model, one input batch, its token count and hidden size."""
+
+    name: str
+    model: nn.Module
+    inputs: dict[str, Tensor]
+    tokens: int
+    hidden: int
+
+
+def first_block(model: nn.Module) -> nn.Module:
+    """The first transformer block: element 0 of the model's first ``nn.ModuleList``."""
+    return next(m for m in model.modules() if isinstance(m, nn.ModuleList))[0]
+
+
+def _text_inputs(seq: int, low: int = 0) -> dict[str, Tensor]:
+    return {"input_ids": torch.randint(low, VOCAB, (1, seq))}
+
+
+def build_workloads(quick: bool) -> list[Workload]:
+    """The models at true width (or toy width with ``quick``), seeded, in train mode."""
+    import transformers as tf
+
+    seq = 48 if quick else 256
+    small = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4} if quick else {}
+    vit = tf.ViTConfig(num_hidden_layers=1, image_size=64 if quick else 224, **small)
+    bert = tf.BertConfig(num_hidden_layers=1, vocab_size=VOCAB, **small)
+    roberta = tf.RobertaConfig(num_hidden_layers=1, vocab_size=VOCAB, **small)
+    gpt2 = tf.GPT2Config(n_layer=1, vocab_size=VOCAB, **({"n_embd": 64, "n_head": 4} if quick else {}))
+
+    def llama_like(cls: type, hidden: int, inter: int, heads: int, kv: int) -> Any:
+        if quick:
+            hidden, inter, heads, kv = 64, 176, 4, max(1, 4 * kv // heads)
+        return cls(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
+                   num_hidden_layers=1, vocab_size=VOCAB)
+
+    configs: list[tuple[str, Any, type, str]] = [
+        ("ViT-B/16", vit, tf.ViTModel, "vit"),
+        ("BERT-base", bert, tf.BertModel, "bert"),
+        ("RoBERTa-base", roberta, tf.RobertaModel, "bert"),
+        ("GPT-2", gpt2, tf.GPT2Model, "gpt2"),
+        ("LLaMA-7B-shaped", llama_like(tf.LlamaConfig, 4096, 11008, 32, 32), tf.LlamaModel, "llama"),
+        ("Mistral-7B-shaped", llama_like(tf.MistralConfig, 4096, 14336, 32, 8), tf.MistralModel, "llama"),
+        ("Qwen2-7B-shaped", llama_like(tf.Qwen2Config, 3584, 18944, 28, 4), tf.Qwen2Model, "llama"),
+    ]
+    if quick:
+        configs = [configs[0], configs[1], configs[4]]
+    workloads = []
+    for name, config, cls, family in configs:
+        torch.manual_seed(0)
+        config._attn_implementation = "sdpa"
+        kwargs = {"add_pooling_layer": False} if family in ("vit", "bert") else {}
+        model = cls(config, **kwargs).train()
+        if family == "vit":
+            size = config.image_size
+            inputs = {"pixel_values": torch.randn(1, 3, size, size)}
+            tokens = (size // config.patch_size) ** 2 + 1
+        else:
+            # RoBERTa's padding id is 1: keep it out of the batch so no position is masked.
+            inputs, tokens = _text_inputs(seq, low=2), seq
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
+        workloads.append(Workload(name, model, inputs, tokens, hidden))
+    return workloads
+
+
+class BlockSaveRecorder:
+    """Records what one block saves for backward, by storage, attributed to the saving module."""
+
+    def __init__(self, block: nn.Module, checkpointed: bool) -> None:
+        self.block = block
+        self.checkpointed = checkpointed
+        self.parameters = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        self.weight_shapes: dict[int, set[tuple[tuple[int, ...], torch.dtype]]] = {}
+        for p in block.parameters():
+            shapes = {(tuple(p.shape), p.dtype), (tuple(reversed(p.shape)), p.dtype)}
+            self.weight_shapes.setdefault(p.numel(), set()).update(shapes)
+        self.stack: list[nn.Module] = []
+        self.seen: set[int] = set()
+        self.buckets: dict[str, int] = dict.fromkeys(BUCKETS, 0)
+        self.weight_copy_bytes = 0
+        self.handles: list[Any] = []
+
+    def _is_weight_copy(self, tensor: Tensor) -> bool:
+        candidates = self.weight_shapes.get(tensor.untyped_storage().nbytes() // tensor.element_size(), set())
+        return any(tuple(tensor.shape) == shape and tensor.dtype != dtype for shape, dtype in candidates)
+
+    def _add(self, tensor: Tensor, bucket: str) -> None:
+        key = tensor.untyped_storage().data_ptr()
+        if key in self.seen or key in self.parameters:
+            return
+        self.seen.add(key)
+        if self._is_weight_copy(tensor):
+            self.weight_copy_bytes += tensor.untyped_storage().nbytes()
+        else:
+            self.buckets[bucket] += tensor.untyped_storage().nbytes()
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        if self.stack:
+            self._add(tensor, bucket_of(self.stack[-1]))
+        return tensor
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module is self.block and self.checkpointed and not self.stack and torch.is_grad_enabled():
+            for value in [*args, *kwargs.values()]:
+                for tensor in value if isinstance(value, tuple) else (value,):
+                    if isinstance(tensor, Tensor) and tensor.is_floating_point():
+                        self._add(tensor, "checkpoint inputs")
+        self.stack.append(module)
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.stack.pop()
+
+    def __enter__(self) -> BlockSaveRecorder:
+        for module in self.block.modules():
+            self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._post, with_kwargs=True))
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hooks.__exit__(*exc)
+        for handle in self.handles:
+            handle.remove()
+
+
+def bucket_of(module: nn.Module) -> str:
+    """What kind of module holds a saved tensor, from its class name."""
+    name = type(module).__name__.lower()
+    if "norm" in name:
+        return "norm"
+    if any(key in name for key in ("act", "gelu", "silu", "step")):
+        return "activation"
+    if "linear" in name or name == "conv1d":
+        return "linear input"
+    if "attention" in name or "attn" in name:
+        return "attention"
+    if "dropout" in name:
+        return "dropout mask"
+    return "other"
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant ``torch.utils.checkpoint`` around every block, through transformers' own switch."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def prepare(workload: Workload, precision: str, variant: str) -> nn.Module:
+    """A fresh copy of the model in ``precision``, converted or checkpointed per ``variant``."""
+    model = copy.deepcopy(workload.model)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    if variant == "checkpoint":
+        enable_checkpointing(model)
+    elif variant != "baseline":
+        inputs = _cast_inputs(workload.inputs, precision)
+        convert(model, inputs, activations=variant != "norms", norms=variant != "activations")
+    return model
+
+
+def _cast_inputs(inputs: dict[str, Tensor], precision: str) -> dict[str, Tensor]:
+    if precision != "bf16-true":
+        return inputs
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def measure(workload: Workload, precision: str, variant: str) -> dict[str, Any]:
+    model = prepare(workload, precision, variant)
+    inputs = _cast_inputs(workload.inputs, precision)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        with BlockSaveRecorder(first_block(model), checkpointed=variant == "checkpoint") as recorder:
+            output = model(**inputs)
+    del output, model
+    gc.collect()  # the model copy sits in reference cycles; free it before the next variant
+    per_token = {k: v / workload.tokens for k, v in recorder.buckets.items()}
+    total = sum(per_token.values())
+    return {
+        "model": workload.name,
+        "precision": precision,
+        "variant": variant,
+        "hidden": workload.hidden,
+        "tokens": workload.tokens,
+        "bytes_per_token": total,
+        "bytes_per_token_over_d": total / workload.hidden,
+        "buckets_per_token": per_token,
+        "autocast_weight_copy_bytes": recorder.weight_copy_bytes,
+    }
+
+
+def ratios(rows: list[dict[str, Any]]) -> None:
+    """Add ``ratio``: each row's bytes over its model/precision baseline."""
+    base = {(r["model"], r["precision"]): r["bytes_per_token"] for r in rows if r["variant"] == "baseline"}
+    for row in rows:
+        row["ratio"] = row["bytes_per_token"] / base[(row["model"], row["precision"])]
+
+
+def target_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    results = []
+    for model, limit in TARGETS.items():
+        match = [r for r in rows if r["model"] == model and r["precision"] == "bf16-mixed" and r["variant"] == "both"]
+        if match:
+            ratio = match[0]["ratio"]
+            results.append({"model": model, "ratio": ratio, "limit": limit, "met": ratio <= limit})
+    return results
+
+
+def render_markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]], machine: str) -> str:
+    lines = [
+        "# Activation memory per token per block",
+        "",
+        f"Machine: **{machine}** (the counts are device independent). Generated by "
+        "`python benchmarks/activation_memory.py`.",
+        "Bytes saved for backward while one block runs, once per storage, parameters excluded, divided by "
+        "the tokens in the batch; autocast weight copies (bf16 copies of fp32 weights) listed apart, per block.",
+        "",
+        "## Targets (bf16-mixed, both techniques vs baseline)",
+        "",
+        "| block | ratio | target | met |",
+        "|---|---|---|---|",
+        *[f"| {t['model']} | {t['ratio']:.1%} | <= {t['limit']:.0%} | {'yes' if t['met'] else 'no'} |" for t in targets],
+        "",
+    ]
+    for precision in PRECISIONS:
+        selected = [r for r in rows if r["precision"] == precision]
+        if not selected:
+            continue
+        lines += [
+            f"## {precision}",
+            "",
+            "| model | d | " + " | ".join(VARIANTS) + " | autocast weight copies (MiB/block) |",
+            "|---|---|" + "---|" * len(VARIANTS) + "---|",
+        ]
+        for model in dict.fromkeys(r["model"] for r in selected):
+            by_variant = {r["variant"]: r for r in selected if r["model"] == model}
+            cells = [
+                f"{by_variant[v]['bytes_per_token'] / 1024:.1f} KiB = {by_variant[v]['bytes_per_token_over_d']:.1f}d "
+                f"({by_variant[v]['ratio']:.0%})"
+                for v in VARIANTS
+            ]
+            copies = by_variant["baseline"]["autocast_weight_copy_bytes"] / 2**20
+            lines.append(f"| {model} | {by_variant['baseline']['hidden']} | " + " | ".join(cells) + f" | {copies:.1f} |")
+        lines.append("")
+    lines += [
+        "## Where the bytes are (bf16-mixed, bytes per token / d)",
+        "",
+        "| model | variant | " + " | ".join(BUCKETS) + " |",
+        "|---|---|" + "---|" * len(BUCKETS),
+    ]
+    for row in rows:
+        if row["precision"] == "bf16-mixed":
+            cells = [f"{row['buckets_per_token'][b] / row['hidden']:.2f}" for b in BUCKETS]
+            lines.append(f"| {row['model']} | {row['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Stacked bars by bucket, bf16-mixed, one panel per model (like the paper's Figure 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows if r["precision"] == "bf16-mixed"))
+    fig, axes = plt.subplots(1, len(models), figsize=(2.6 * len(models), 3.8), sharey=False, squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, model in zip(axes[0], models):
+        selected = {r["variant"]: r for r in rows if r["model"] == model and r["precision"] == "bf16-mixed"}
+        bottom = [0.0] * len(VARIANTS)
+        for index, bucket in enumerate(BUCKETS):
+            heights = [selected[v]["buckets_per_token"][bucket] / selected[v]["hidden"] for v in VARIANTS]
+            ax.bar(VARIANTS, heights, bottom=bottom, color=colors[index], label=bucket)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_title(model, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    axes[0][0].set_ylabel("saved bytes per token / hidden size d")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(BUCKETS), fontsize=7)
+    fig.suptitle("bf16-mixed: bytes saved for backward per token per block", y=0.9, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy widths, 3 models, bf16-mixed only")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
+    args = parser.parse_args()
+    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
+
+    precisions = ("bf16-mixed",) if args.quick else PRECISIONS
+    rows = []
+    for workload in build_workloads(args.quick):
+        for precision in precisions:
+            for variant in VARIANTS:
+                rows.append(measure(workload, precision, variant))
+        print(f"{workload.name}: done", flush=True)
+        del workload
+    ratios(rows)
+    targets = target_rows(rows)
+    machine = machine_name(torch.device("cpu"))
+    markdown = render_markdown(rows, targets, machine)
+    print(markdown)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"machine": machine, "quick": args.quick, "targets": targets, "results": rows}
+        (out / "activation_memory_cpu.json").write_text(json.dumps(payload, indent=1) + "\n")
+        (out / "activation_memory_cpu.md").write_text(markdown)
+        try:
+            plot(rows, out / "activation_memory_cpu.png")
+        except ModuleNotFoundError:
+            print("matplotlib is not installed: no chart (pip install matplotlib)")
+        print(f"wrote {out}/activation_memory_cpu.*")
+
+
+if __name__ == "__main__":
+    main()

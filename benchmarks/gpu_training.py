@@ -1,0 +1,323 @@
+"""End-to-end Lightning training on one GPU: peak memory and throughput, all variants in one run.
+
+Two workloads, each trained for a few steps with a Lightning ``Trainer`` per variant, in one
+process (weights from the same seed, synthetic data, one batch repeated):
+
+- **ViT-B/16 full fine-tuning**: ``ViTForImageClassification`` from ``ViTConfig()`` (true
+  width, 12 layers, 224 px, 100 classes), ``precision="bf16-mixed"``, batch 64, AdamW.
+  Variants: ``baseline``; ``approxbp`` (:class:`~lightning_approxbp.ApproxBP` callback,
+  defaults: 2-bit fitted GELU, memory-sharing LayerNorms with merged affines);
+  ``approxbp-keep`` (``ApproxBP(affine="keep")``: affines kept, normalised value recovered
+  from the output in backward, the semantics of apex ``memory_efficient=True``); and
+  ``checkpoint`` (transformers gradient checkpointing, non-reentrant).
+- **LLaMA-shaped LoRA**: ``LlamaForCausalLM`` at LLaMA-7B width (hidden 4096, intermediate
+  11008, 32 heads, vocab 32000) with 8 layers, peft LoRA r=16 on every projection, batch 4 x 1024
+  tokens, causal-LM loss, ``bf16-mixed``. Variants: ``baseline``; ``approxbp`` (ApproxBP callback
+  plus :class:`~lightning_approxbp.plugins.ApproxBPPrecision`, which stores the frozen weights in
+  bf16 so no per-step bf16 weight copy is saved); ``checkpoint``; and ``liger`` (Liger-Kernel's
+  RMSNorm + SwiGLU + RoPE, only if ``liger_kernel`` is importable; run last because Liger patches
+  transformers' module classes globally).
+
+Per variant: the peak of ``torch.cuda.max_memory_allocated`` over the timed steps (reset after
+the warm-up steps; it includes weights, gradients and optimizer state) and the median step time
+(CUDA-synchronised at every step boundary) as samples/s. A variant that fails (e.g. out of
+memory) is recorded with its error and the run goes on. Target (issue 5): ApproxBP on ViT-B at
+least 25% lower peak memory at >= 0.97x baseline throughput.
+
+Without a CUDA device the script prints a message and exits with status 0; ``--smoke`` runs the
+same code at toy sizes on CPU (no peak memory there) so that it cannot rot.
+
+    python benchmarks/gpu_training.py            # on a GPU machine: writes results/gpu_training_cuda.{json,md}
+    python benchmarks/gpu_training.py --smoke    # any machine, toy sizes, prints only (or --out DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_approxbp import ApproxBP
+from lightning_approxbp.plugins.precision import ApproxBPPrecision
+
+from _common import RESULTS_DIR, machine_name, machine_slug
+from activation_memory import enable_checkpointing
+
+PRECISION = "bf16-mixed"
+TARGET_MEMORY_REDUCTION = 0.25  # ViT-B full fine-tuning, approxbp vs baseline
+TARGET_THROUGHPUT = 0.97
+LIGER_AVAILABLE = importlib.util.find_spec("liger_kernel") is not None
+
+
+class StepMonitor(Callback):
+    """Times every training step (synchronised) and records the peak memory after warm-up."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.step_seconds: list[float] = []
+        self.peak_bytes: int | None = None
+        self._start = 0.0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.warmup and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._sync()
+        if batch_idx >= self.warmup:
+            self.step_seconds.append(time.perf_counter() - self._start)
+        if torch.cuda.is_available():
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+
+
+class RepeatedBatch(LightningDataModule):
+    """One batch, ``length`` times: a datamodule, so the ApproxBP callback finds its probe batch."""
+
+    def __init__(self, batch: Any, length: int) -> None:
+        super().__init__()
+        self.batch = batch
+        self.length = length
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader([self.batch] * self.length, batch_size=None)
+
+
+class ViTModule(LightningModule):
+    """Image classification, full fine-tuning, AdamW."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        return nn.functional.cross_entropy(self.model(pixel_values=images).logits, labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-5)
+
+
+class CausalLMModule(LightningModule):
+    """Causal language modelling on the trainable (LoRA) parameters, AdamW."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+
+
+@dataclass
+class Workload:
+    """A model factory, one repeated batch, and the variants to run on it."""
+
+    name: str
+    build: Callable[[], LightningModule]
+    batch: Any
+    samples: int
+    tokens: int
+    variants: list[str] = field(default_factory=list)
+
+
+def vit_workload(smoke: bool) -> Workload:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    size, batch = (32, 4) if smoke else (224, 64)
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 1} if smoke else {}
+    config = ViTConfig(image_size=size, num_labels=100, **small)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base = ViTForImageClassification(config)
+    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
+    tokens = batch * ((size // config.patch_size) ** 2 + 1)
+    variants = ["baseline", "approxbp", "approxbp-keep", "checkpoint"]
+    return Workload("ViT-B/16 full fine-tuning", lambda: ViTModule(copy.deepcopy(base)), (images, labels), batch, tokens, variants)
+
+
+def llama_lora_workload(smoke: bool) -> Workload:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if smoke:
+        width = {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 4,
+                 "num_hidden_layers": 1, "vocab_size": 1000}
+        batch, seq = 2, 32
+    else:
+        width = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
+                 "num_hidden_layers": 8, "vocab_size": 32000}
+        batch, seq = 4, 1024
+    config = LlamaConfig(**width)
+    config._attn_implementation = "sdpa"
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def build() -> LightningModule:
+        torch.manual_seed(0)
+        return CausalLMModule(get_peft_model(LlamaForCausalLM(config), lora))
+
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq))
+    variants = ["baseline", "approxbp", "checkpoint"] + (["liger"] if LIGER_AVAILABLE else [])
+    name = f"LLaMA-7B-shaped LoRA ({config.num_hidden_layers} layers)"
+    return Workload(name, build, {"input_ids": input_ids}, batch, batch * seq, variants)
+
+
+def configure(module: LightningModule, variant: str) -> tuple[list[Callback], Any]:
+    """Callbacks and precision (string or plugin) that make ``module`` the given variant."""
+    inner = getattr(module.model, "base_model", module.model)
+    if variant == "checkpoint":
+        enable_checkpointing(getattr(inner, "model", inner))
+    elif variant == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=getattr(inner, "model", inner))
+    if variant == "approxbp" and isinstance(module, CausalLMModule):
+        return [ApproxBP()], ApproxBPPrecision(PRECISION)
+    if variant == "approxbp":
+        return [ApproxBP()], PRECISION
+    if variant == "approxbp-keep":
+        return [ApproxBP(affine="keep")], PRECISION
+    return [], PRECISION
+
+
+def run_variant(workload: Workload, variant: str, warmup: int, steps: int, accelerator: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"workload": workload.name, "variant": variant}
+    monitor = StepMonitor(warmup)
+    try:
+        module = workload.build()
+        callbacks, precision = configure(module, variant)
+        plugins = [precision] if isinstance(precision, ApproxBPPrecision) else []
+        trainer = Trainer(
+            accelerator=accelerator, devices=1, precision=None if plugins else precision, plugins=plugins,
+            max_steps=warmup + steps, callbacks=[*callbacks, monitor], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )
+        trainer.fit(module, datamodule=RepeatedBatch(workload.batch, warmup + steps))
+        step = statistics.median(monitor.step_seconds)
+        row.update(step_ms=1e3 * step, samples_per_s=workload.samples / step, tokens_per_s=workload.tokens / step,
+                   peak_bytes=monitor.peak_bytes)
+        report = callbacks[0].report if callbacks and isinstance(callbacks[0], ApproxBP) else None
+        if report is not None:
+            row["converted_modules"] = len(report.converted)
+    except Exception as err:  # noqa: BLE001 - one failing variant (e.g. OOM) must not lose the others
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return row
+
+
+def compare(rows: list[dict[str, Any]]) -> None:
+    """Add memory reduction and throughput ratio against each workload's baseline."""
+    base = {r["workload"]: r for r in rows if r["variant"] == "baseline" and "error" not in r}
+    for row in rows:
+        ref = base.get(row["workload"])
+        if ref is None or "error" in row:
+            continue
+        row["throughput_ratio"] = row["samples_per_s"] / ref["samples_per_s"]
+        if row["peak_bytes"] is not None and ref["peak_bytes"]:
+            row["memory_reduction"] = 1.0 - row["peak_bytes"] / ref["peak_bytes"]
+
+
+def target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    match = [r for r in rows if r["workload"].startswith("ViT") and r["variant"] == "approxbp" and "memory_reduction" in r]
+    if not match:
+        return None
+    r = match[0]
+    met = r["memory_reduction"] >= TARGET_MEMORY_REDUCTION and r["throughput_ratio"] >= TARGET_THROUGHPUT
+    return {"memory_reduction": r["memory_reduction"], "throughput_ratio": r["throughput_ratio"], "met": met}
+
+
+def render_markdown(rows: list[dict[str, Any]], goal: dict[str, Any] | None, machine: str, smoke: bool) -> str:
+    lines = [
+        "# End-to-end Lightning training on GPU",
+        "",
+        f"Machine: **{machine}**. Generated by `python benchmarks/gpu_training.py{' --smoke' if smoke else ''}`"
+        + (" (toy sizes on CPU: not a result)." if smoke else "."),
+        f"Precision {PRECISION}; peak = torch.cuda.max_memory_allocated over the timed steps; throughput from the "
+        f"median step time. Liger-Kernel: {'installed' if LIGER_AVAILABLE else 'not installed (variant not run)'}.",
+        "",
+        "| workload | variant | peak memory (GiB) | vs baseline | samples/s | throughput vs baseline | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['variant']} | - | - | - | - | {r['error']} |")
+            continue
+        peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] is not None else "n/a"
+        reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
+        ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
+        note = f"{r['converted_modules']} modules converted" if "converted_modules" in r else ""
+        lines.append(f"| {r['workload']} | {r['variant']} | {peak} | {reduction} | {r['samples_per_s']:.1f} | {ratio} | {note} |")
+    if goal is not None:
+        lines += [
+            "",
+            f"Target (ViT-B/16, ApproxBP): >= {TARGET_MEMORY_REDUCTION:.0%} lower peak memory at >= {TARGET_THROUGHPUT}x "
+            f"throughput. Measured: {goal['memory_reduction']:.1%} lower at {goal['throughput_ratio']:.3f}x: "
+            f"**{'met' if goal['met'] else 'not met'}**.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="toy sizes; runs on CPU too")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 3 warm-up steps)")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --smoke)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("gpu_training.py: no CUDA device here; nothing measured. Run it on a GPU machine, or pass --smoke "
+              "for a toy CPU run.")
+        sys.exit(0)
+    out = args.out if args.out is not None else (None if args.smoke else RESULTS_DIR)
+    device = torch.device("cuda" if cuda else "cpu")
+    warmup, steps = (1, 1) if args.smoke else (3, args.steps)
+
+    rows = []
+    for workload in (vit_workload(args.smoke), llama_lora_workload(args.smoke)):
+        for variant in workload.variants:
+            rows.append(run_variant(workload, variant, warmup, steps, "gpu" if cuda else "cpu"))
+            print(f"{workload.name} / {variant}: {rows[-1].get('error', 'ok')}", flush=True)
+    compare(rows)
+    goal = target(rows)
+    machine = machine_name(device)
+    markdown = render_markdown(rows, goal, machine, args.smoke)
+    print(markdown)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"machine": machine, "smoke": args.smoke, "precision": PRECISION, "liger_installed": LIGER_AVAILABLE,
+                   "target": goal, "results": rows}
+        stem = f"gpu_training_{machine_slug(device)}"
+        (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(markdown)
+        print(f"wrote {out}/{stem}.*")
+
+
+if __name__ == "__main__":
+    main()

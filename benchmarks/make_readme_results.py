@@ -1,0 +1,181 @@
+"""Build the README's results section from the committed benchmark outputs (no hand-typed numbers).
+
+Reads the JSON files under ``benchmarks/results/`` (whichever exist), and writes one markdown
+section, ``benchmarks/results/README_results.md`` (also placed between the generated-results
+markers of ``docs/benchmarks.md``): a summary of every issue-5 target with the
+measured figure, the machine and met / not met, then the key tables. A result that has not been
+produced yet (e.g. the GPU run on a machine without a GPU) is listed as "not measured".
+
+    python benchmarks/make_readme_results.py            # writes results/README_results.md
+    python benchmarks/make_readme_results.py --stdout   # prints it instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OUTPUT = RESULTS / "README_results.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DOCS_BEGIN, DOCS_END = "<!-- generated results: begin -->", "<!-- generated results: end -->"
+
+
+def load(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / name
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return None if data.get("quick") or data.get("smoke") else data
+
+
+def verdict(met: bool | None) -> str:
+    return "not measured" if met is None else ("met" if met else "**not met**")
+
+
+def target_rows(results: Path) -> list[str]:
+    """One row per issue-5 target: target, measured figure, machine, verdict."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    memory = load(results, "activation_memory_cpu.json")
+    for goal in ("ViT-B/16", "LLaMA-7B-shaped"):
+        match = [t for t in (memory or {}).get("targets", []) if t["model"] == goal]
+        limit = {"ViT-B/16": "60%", "LLaMA-7B-shaped": "55%"}[goal]
+        if match:
+            rows.append((f"{goal} block activation memory, bf16-mixed, both techniques: <= {limit} of baseline",
+                         f"{match[0]['ratio']:.1%}", memory["machine"], match[0]["met"]))
+        else:
+            rows.append((f"{goal} block activation memory: <= {limit} of baseline", "-", "-", None))
+    fidelity = load(results, "gradient_fidelity_cpu.json")
+    fitted = [r for r in (fidelity or {}).get("results", []) if r["table"] == "fitted" and r["bits"] == 2]
+    if fitted:
+        rows.append(("Gradient cosine, default 2-bit table, pretrained MiniLM: >= 0.98", f"{fitted[0]['cosine']:.4f}",
+                     fidelity["machine"], fitted[0]["cosine"] >= 0.98))
+    else:
+        rows.append(("Gradient cosine, default 2-bit table: >= 0.98", "-", "-", None))
+    parity = load(results, "finetune_parity_cpu.json")
+    if parity:
+        s = parity["summary"]
+        figure = (f"{s['difference_points']:+.2f} points ({s['approxbp']['mean']:.2f} vs {s['exact']['mean']:.2f}, "
+                  f"{s['exact']['runs']} seeds)")
+        rows.append(("Fine-tuning accuracy, MiniLM on BBC News: within 0.5 points of exact", figure, parity["machine"], s["met"]))
+    else:
+        rows.append(("Fine-tuning accuracy within 0.5 points of exact", "-", "-", None))
+    speed = load(results, "speed_cpu.json")
+    for r in (speed or {}).get("results", []):
+        rows.append((f"CPU step time, {r['model']}: <= {speed['target']:.2f}x baseline", f"{r['approxbp_ratio']:.3f}x",
+                     speed["machine"], r["met"]))
+    if not speed:
+        rows.append(("CPU step time: <= 1.10x baseline", "-", "-", None))
+    gpu = load(results, "gpu_training_cuda.json")
+    goal = (gpu or {}).get("target")
+    if goal:
+        rows.append(("ViT-B/16 full fine-tuning on GPU: >= 25% lower peak memory at >= 0.97x throughput",
+                     f"{goal['memory_reduction']:.1%} lower, {goal['throughput_ratio']:.3f}x", gpu["machine"], goal["met"]))
+    else:
+        rows.append(("ViT-B/16 full fine-tuning on GPU: >= 25% lower peak memory at >= 0.97x throughput",
+                     "-", "no GPU run committed yet", None))
+    lines = ["| target (issue 5) | measured | machine | verdict |", "|---|---|---|---|"]
+    lines += [f"| {t} | {m} | {machine} | {verdict(met)} |" for t, m, machine, met in rows]
+    return lines
+
+
+def memory_table(results: Path, root: str) -> list[str]:
+    memory = load(results, "activation_memory_cpu.json")
+    if memory is None:
+        return []
+    rows = [r for r in memory["results"] if r["precision"] == "bf16-mixed"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = [
+        "### Activation memory per token per block (bf16-mixed)",
+        "",
+        "Bytes saved for backward, once per storage, parameters and autocast weight copies excluded; "
+        "in units of the hidden size d, and as a share of the baseline.",
+        "",
+        "| model | d | " + " | ".join(variants) + " |",
+        "|---|---|" + "---|" * len(variants),
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cells = {r["variant"]: r for r in rows if r["model"] == model}
+        text = " | ".join(f"{cells[v]['bytes_per_token_over_d']:.1f}d ({cells[v]['ratio']:.0%})" for v in variants)
+        lines.append(f"| {model} | {cells['baseline']['hidden']} | {text} |")
+    lines += ["", f"![activation memory]({root}benchmarks/results/activation_memory_cpu.png)", ""]
+    return lines
+
+
+def speed_table(results: Path) -> list[str]:
+    speed = load(results, "speed_cpu.json")
+    if speed is None:
+        return []
+    lines = [
+        f"### CPU training-step time ({speed['machine']}, fp32, interleaved medians)",
+        "",
+        "| model | baseline ms | ApproxBP | gradient checkpointing |",
+        "|---|---|---|---|",
+    ]
+    for r in speed["results"]:
+        lines.append(f"| {r['model']} | {r['baseline_ms']:.0f} | {r['approxbp_ratio']:.3f}x | {r['checkpoint_ratio']:.3f}x |")
+    return [*lines, ""]
+
+
+def gpu_table(results: Path) -> list[str]:
+    gpu = load(results, "gpu_training_cuda.json")
+    if gpu is None:
+        return ["### GPU training", "", "Not measured yet: `python benchmarks/gpu_training.py` needs a CUDA device.", ""]
+    lines = [
+        f"### GPU training ({gpu['machine']}, {gpu['precision']})",
+        "",
+        "| workload | variant | peak GiB | vs baseline | samples/s | vs baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in gpu["results"]:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['variant']} | {r['error']} | | | |")
+            continue
+        reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
+        ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
+        lines.append(f"| {r['workload']} | {r['variant']} | {r['peak_bytes'] / 2**30:.2f} | {reduction} | "
+                     f"{r['samples_per_s']:.1f} | {ratio} |")
+    if not gpu.get("liger_installed"):
+        lines += ["", "Liger-Kernel was not installed on that machine, so its variant did not run."]
+    return [*lines, ""]
+
+
+def build(results: Path = RESULTS, root: str = "") -> str:
+    """The results section; ``root`` is the path from the including document to the repository root."""
+    lines = [
+        "## Results",
+        "",
+        "Generated by `python benchmarks/make_readme_results.py` from the JSON files in `benchmarks/results/`; "
+        "see `docs/benchmarks.md` for how each number is measured.",
+        "",
+        *target_rows(results),
+        "",
+        *memory_table(results, root),
+        *speed_table(results),
+        *gpu_table(results),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder with the benchmark JSON files")
+    parser.add_argument("--stdout", action="store_true", help="print instead of writing README_results.md")
+    args = parser.parse_args()
+    if args.stdout:
+        print(build(args.results))
+        return
+    OUTPUT.write_text(build(args.results))
+    print(f"wrote {OUTPUT}")
+    if DOCS.exists() and DOCS_BEGIN in (docs := DOCS.read_text()):
+        head, _, rest = docs.partition(DOCS_BEGIN)
+        _, _, tail = rest.partition(DOCS_END)
+        body = build(args.results, root="../").replace("## Results\n", "", 1).strip()
+        DOCS.write_text(f"{head}{DOCS_BEGIN}\n{body}\n{DOCS_END}{tail}")
+        print(f"updated {DOCS}")
+
+
+if __name__ == "__main__":
+    main()

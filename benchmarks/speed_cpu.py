@@ -1,0 +1,150 @@
+"""CPU training-step time: ApproxBP vs exact backprop (and gradient checkpointing), same run.
+
+Two models built from configs: a BERT-base-sized encoder (2 layers at true width 768, batch 4
+x 128 tokens) and a LLaMA-shaped decoder (1 layer, hidden 1024, intermediate 2816, batch 4 x 128
+tokens); fp32 ("32-true"), train mode. One training step = forward, loss (mean square of the
+last hidden state), backward and an AdamW step. Each variant has its own copy of the same
+initial weights and its own optimizer:
+
+- ``baseline``: exact backprop;
+- ``approxbp``: ``lightning_approxbp.convert(model, batch)`` (2-bit fitted activations,
+  memory-sharing norms with merged affines);
+- ``checkpoint``: transformers gradient checkpointing (a peer: recomputes the forward).
+
+The CPU is shared and noisy, so the variants are timed interleaved: every round runs one step
+of each variant in a rotated order; each variant's time is the median over rounds, and the
+reported ratio is the median of the per-round ratios (variant / baseline of the same round).
+
+    python benchmarks/speed_cpu.py            # writes results/speed_cpu.{json,md}
+    python benchmarks/speed_cpu.py --quick    # toy widths, 2 rounds, prints only (or --out DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_approxbp import convert
+
+from _common import RESULTS_DIR, machine_name
+from activation_memory import enable_checkpointing
+
+VARIANTS: tuple[str, ...] = ("baseline", "approxbp", "checkpoint")
+TARGET = 1.10  # approxbp step time / baseline step time
+VOCAB = 1000
+
+
+def build_models(quick: bool) -> list[tuple[str, nn.Module, dict[str, Tensor]]]:
+    """(name, model, batch) for the BERT-base-sized and LLaMA-shaped models, seeded."""
+    import transformers as tf
+
+    batch, seq = (2, 32) if quick else (4, 128)
+    bert_width = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4} if quick else {}
+    llama_width = (
+        {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 4}
+        if quick
+        else {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 16}
+    )
+    specs = [
+        ("BERT-base-sized (2 layers)", tf.BertModel, tf.BertConfig(num_hidden_layers=2, vocab_size=VOCAB, **bert_width)),
+        ("LLaMA-shaped (1 layer, d=1024)", tf.LlamaModel, tf.LlamaConfig(num_hidden_layers=1, vocab_size=VOCAB, **llama_width)),
+    ]
+    models = []
+    for name, cls, config in specs:
+        torch.manual_seed(0)
+        config._attn_implementation = "sdpa"
+        kwargs = {"add_pooling_layer": False} if cls is tf.BertModel else {}
+        models.append((name, cls(config, **kwargs).train(), {"input_ids": torch.randint(0, VOCAB, (batch, seq))}))
+    return models
+
+
+def make_variant(model: nn.Module, batch: dict[str, Tensor], variant: str) -> nn.Module:
+    model = copy.deepcopy(model)
+    if variant == "approxbp":
+        convert(model, batch)
+    elif variant == "checkpoint":
+        enable_checkpointing(model)
+    return model
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor]) -> None:
+    loss = model(**batch).last_hidden_state.pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_interleaved(name: str, model: nn.Module, batch: dict[str, Tensor], rounds: int, warmup: int) -> dict[str, Any]:
+    """Per-variant median step time (ms) and median per-round ratio to baseline."""
+    models = {v: make_variant(model, batch, v) for v in VARIANTS}
+    optimizers = {v: torch.optim.AdamW(m.parameters(), lr=1e-5) for v, m in models.items()}
+    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for index in range(warmup + rounds):
+        order = VARIANTS[index % len(VARIANTS):] + VARIANTS[: index % len(VARIANTS)]
+        for variant in order:
+            torch.manual_seed(index)  # same dropout masks for every variant in a round
+            start = time.perf_counter()
+            training_step(models[variant], optimizers[variant], batch)
+            if index >= warmup:
+                samples[variant].append((time.perf_counter() - start) * 1e3)
+    base = samples["baseline"]
+    row: dict[str, Any] = {"model": name, "tokens": batch["input_ids"].numel(), "rounds": rounds}
+    for variant in VARIANTS:
+        row[f"{variant}_ms"] = statistics.median(samples[variant])
+        row[f"{variant}_ratio"] = statistics.median(s / b for s, b in zip(samples[variant], base))
+    row["met"] = row["approxbp_ratio"] <= TARGET
+    return row
+
+
+def render_markdown(rows: list[dict[str, Any]], machine: str) -> str:
+    lines = [
+        "# CPU training-step time (fp32)",
+        "",
+        f"Machine: **{machine}** (shared with other jobs; interleaved rounds, medians). "
+        "Generated by `python benchmarks/speed_cpu.py`.",
+        "Step = forward + backward + AdamW. Ratio = median over rounds of (variant / baseline in the same round).",
+        "",
+        f"| model | tokens | rounds | baseline ms | ApproxBP ms | ApproxBP ratio | target <= {TARGET:.2f}x | "
+        "checkpointing ms | checkpointing ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['tokens']} | {r['rounds']} | {r['baseline_ms']:.0f} | {r['approxbp_ms']:.0f} | "
+            f"{r['approxbp_ratio']:.3f}x | {'met' if r['met'] else 'not met'} | {r['checkpoint_ms']:.0f} | "
+            f"{r['checkpoint_ratio']:.3f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy widths, 2 rounds")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
+    args = parser.parse_args()
+    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
+
+    rounds, warmup = (2, 1) if args.quick else (args.rounds, 2)
+    rows = [time_interleaved(name, model, batch, rounds, warmup) for name, model, batch in build_models(args.quick)]
+    machine = machine_name(torch.device("cpu"))
+    markdown = render_markdown(rows, machine)
+    print(markdown)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"machine": machine, "quick": args.quick, "target": TARGET, "precision": "32-true", "results": rows}
+        (out / "speed_cpu.json").write_text(json.dumps(payload, indent=1) + "\n")
+        (out / "speed_cpu.md").write_text(markdown)
+        print(f"wrote {out}/speed_cpu.*")
+
+
+if __name__ == "__main__":
+    main()
