@@ -14,7 +14,7 @@ keeps the feature axis last and contiguous, and that layer never reads anything 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,7 +84,7 @@ def _feature_aligned(tensor: Tensor, features: int) -> bool:
     )
 
 
-def _is_inplace(func: Callable, name: str, kwargs: dict) -> bool:
+def _is_inplace(name: str, kwargs: dict) -> bool:
     if "out" in kwargs:
         return True
     if name.startswith("__i") or name == "__setitem__":
@@ -127,7 +127,7 @@ class _Tracer(TorchFunctionMode):
         results = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
         if not results and name not in _DATA_READS:
             return out  # metadata: shape, dtype, stride...
-        if results and not _is_inplace(func, name, kwargs):
+        if results and not _is_inplace(name, kwargs):
             storages = {_storage(t): norm for t, norm in tracked}
             if all(_storage(r) in storages for r in results):
                 for r in results:
