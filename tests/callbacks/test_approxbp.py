@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -122,11 +123,14 @@ def test_fit_converts_once_in_every_precision(precision: str) -> None:
     assert callback.report is report
 
 
-def test_example_input_array_and_gradient_checkpointing() -> None:
+def test_example_input_array_and_gradient_checkpointing(caplog: pytest.LogCaptureFixture) -> None:
     callback = ApproxBP()
     model = LitLM(gradient_checkpointing=True, example=True)
-    _trainer([callback]).fit(model)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        _trainer([callback]).fit(model)
+        _trainer([callback]).fit(model)
     assert callback.report.probe == "example_input_array" and _converted(model)
+    assert caplog.text.count("ApproxBP conversion (probe: example_input_array)") == 1  # printed once
 
 
 class _RecordRNG(Callback):
