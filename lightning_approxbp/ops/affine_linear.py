@@ -26,9 +26,11 @@ OP_NAME = "affine_linear"
 def _affine(x: Tensor, gamma: Tensor | None, beta: Tensor | None, offset: float) -> Tensor:
     """``x * (gamma + offset) + beta`` computed in fp32 (fp64 for fp64) and rounded once to ``x.dtype``."""
     work = x.to(compute_dtype(x.dtype))
-    if gamma is not None:
+    if gamma is not None and beta is not None:
+        work = torch.addcmul(beta.to(work.dtype), work, gamma.to(work.dtype) + offset)
+    elif gamma is not None:
         work = work * (gamma.to(work.dtype) + offset)
-    if beta is not None:
+    elif beta is not None:
         work = work + beta.to(work.dtype)
     return work.to(x.dtype)
 
