@@ -30,7 +30,10 @@ def run(approxbp: bool, fast: bool) -> dict[str, Any]:
     datamodule = BBCNewsLMDataModule(field="lead", max_length=64, batch_size=16, limit=200 if fast else 1000)
     model = LoRACausalLM(hidden_size=256, num_layers=4, lora_rank=16)
     if approxbp:
-        setup: dict[str, Any] = {"callbacks": [ApproxBP(), PeakMemoryMonitor()], "plugins": [ApproxBPPrecision("bf16-mixed")]}
+        setup: dict[str, Any] = {
+            "callbacks": [ApproxBP(), PeakMemoryMonitor()],
+            "plugins": [ApproxBPPrecision("bf16-mixed")],
+        }
     else:
         setup = {"callbacks": [PeakMemoryMonitor()], "precision": "bf16-mixed"}
     trainer = Trainer(**setup, **trainer_kwargs(fast, max_epochs=2))

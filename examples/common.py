@@ -60,8 +60,13 @@ def report(run: Callable[[bool], dict[str, Any]], args: argparse.Namespace) -> l
     rows = [run(approxbp) for approxbp in modes(args)]
     print()
     for row in rows:
-        print("  ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()))
+        print("  ".join(f"{key}={_format(value)}" for key, value in row.items()))
     if len(rows) == 2:
         base, new = rows[0]["saved MiB"], rows[1]["saved MiB"]
-        print(f"saved-for-backward bytes per training step: {base:.2f} MiB -> {new:.2f} MiB ({(new - base) / base:+.1%})")
+        change = (new - base) / base
+        print(f"saved-for-backward bytes per training step: {base:.2f} MiB -> {new:.2f} MiB ({change:+.1%})")
     return rows
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

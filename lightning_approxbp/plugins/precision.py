@@ -162,7 +162,8 @@ class ApproxBPPrecision(Precision):
         converted = store_frozen_weights(module, self.compute_dtype)
         self._stored.update(converted)
         if converted:
-            saved = sum(p.numel() * (torch.finfo(old).bits - torch.finfo(p.dtype).bits) for p, old in converted.items()) // 8
+            bits = sum(p.numel() * (torch.finfo(old).bits - torch.finfo(p.dtype).bits) for p, old in converted.items())
+            saved = bits // 8
             rank_zero_info(
                 f"ApproxBPPrecision: stored {len(converted)} frozen weight tensors in {self.compute_dtype} "
                 f"({saved / 2**20:.1f} MiB less parameter memory, no per-step autocast copies)."

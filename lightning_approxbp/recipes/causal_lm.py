@@ -67,8 +67,8 @@ class BBCNewsLMDataModule(LightningDataModule):
         hp = self.hparams
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
         train, val, _ = bbc_news_split(hp.field, 0.1, hp.seed, hp.limit)
-        encode = lambda texts: [torch.tensor(ids) for ids in tokenizer(texts, truncation=True, max_length=hp.max_length)["input_ids"]]  # noqa: E731
-        self._train, self._val = encode(train.texts), encode(val.texts)
+        self._train = _encode(tokenizer, train.texts, hp.max_length)
+        self._val = _encode(tokenizer, val.texts, hp.max_length)
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed)
@@ -78,7 +78,12 @@ class BBCNewsLMDataModule(LightningDataModule):
         return self._loader(self._val, shuffle=False)
 
     def _loader(self, sequences: list[Tensor], **kwargs: Any) -> DataLoader:
-        return DataLoader(sequences, batch_size=self.hparams.batch_size, collate_fn=collate_lm, **kwargs)  # type: ignore[arg-type]
+        batch_size = self.hparams.batch_size
+        return DataLoader(sequences, batch_size=batch_size, collate_fn=collate_lm, **kwargs)  # type: ignore[arg-type]
+
+
+def _encode(tokenizer: Any, texts: list[str], max_length: int) -> list[Tensor]:
+    return [torch.tensor(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
 
 
 def collate_lm(sequences: list[Tensor]) -> dict[str, Tensor]:

@@ -156,7 +156,9 @@ class TextClassifier(LightningModule):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "some weights were newly initialised": the head, expected
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(model or minilm_path(), num_labels=num_classes)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model or minilm_path(), num_labels=num_classes
+            )
         finally:
             hf_logging.set_verbosity(verbosity)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes

@@ -14,7 +14,11 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 @pytest.mark.parametrize(
     ("script", "metric"),
-    [("text_classification.py", "val_acc="), ("image_classification.py", "val_acc="), ("causal_lm_lora.py", "val_ppl=")],
+    [
+        ("text_classification.py", "val_acc="),
+        ("image_classification.py", "val_acc="),
+        ("causal_lm_lora.py", "val_ppl="),
+    ],
 )
 def test_example_fast_mode_compares_both_runs(script: str, metric: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}

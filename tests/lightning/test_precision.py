@@ -33,7 +33,12 @@ def test_rejects_unknown_precision() -> None:
 
 @pytest.mark.parametrize(
     ("precision", "delegate"),
-    [("32-true", Precision), ("bf16-mixed", MixedPrecision), ("16-mixed", MixedPrecision), ("bf16-true", HalfPrecision)],
+    [
+        ("32-true", Precision),
+        ("bf16-mixed", MixedPrecision),
+        ("16-mixed", MixedPrecision),
+        ("bf16-true", HalfPrecision),
+    ],
 )
 def test_delegates_to_lightnings_plugin(precision: str, delegate: type) -> None:
     plugin = ApproxBPPrecision(precision, device="cpu")
@@ -195,3 +200,19 @@ def test_sharding_strategies_fail_with_instructions() -> None:
     model.trainer = mock.Mock(strategy=ModelParallelStrategy())
     with pytest.raises(MisconfigurationException, match=r"pass `Trainer\(precision='bf16-mixed'\)` instead"):
         ApproxBPPrecision("bf16-mixed").convert_module(model)
+
+
+def test_merged_linears_of_the_approxbp_conversion_are_stored_too() -> None:
+    from lightning_approxbp.conversion import convert
+    from lightning_approxbp.conversion.merged import AffineMergedLinear
+
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16).requires_grad_(False), nn.Linear(16, 2))
+    x = torch.randn(4, 16, requires_grad=True)
+    convert(model, x)
+    assert type(model[1]) is AffineMergedLinear
+    reference = copy.deepcopy(model)
+    plugin = ApproxBPPrecision("bf16-mixed", device="cpu")
+    plugin.convert_module(model)
+    assert model[1].weight.dtype == torch.bfloat16
+    with plugin.forward_context():
+        assert torch.equal(model(x), reference(x))
