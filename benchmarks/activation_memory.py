@@ -42,6 +42,9 @@ import argparse
 import copy
 import gc
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,16 +83,11 @@ def _text_inputs(seq: int, low: int = 0) -> dict[str, Tensor]:
     return {"input_ids": torch.randint(low, VOCAB, (1, seq))}
 
 
-def build_workloads(quick: bool) -> list[Workload]:
-    """The models at true width (or toy width with ``quick``), seeded, in train mode."""
+def _configs(quick: bool) -> dict[str, tuple[Any, type, str]]:
+    """Model name -> (config, model class, family), at true width (toy width with ``quick``)."""
     import transformers as tf
 
-    seq = 48 if quick else 256
     small = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4} if quick else {}
-    vit = tf.ViTConfig(num_hidden_layers=1, image_size=64 if quick else 224, **small)
-    bert = tf.BertConfig(num_hidden_layers=1, vocab_size=VOCAB, **small)
-    roberta = tf.RobertaConfig(num_hidden_layers=1, vocab_size=VOCAB, **small)
-    gpt2 = tf.GPT2Config(n_layer=1, vocab_size=VOCAB, **({"n_embd": 64, "n_head": 4} if quick else {}))
 
     def llama_like(cls: type, hidden: int, inter: int, heads: int, kv: int) -> Any:
         if quick:
@@ -97,33 +95,48 @@ def build_workloads(quick: bool) -> list[Workload]:
         return cls(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
                    num_hidden_layers=1, vocab_size=VOCAB)
 
-    configs: list[tuple[str, Any, type, str]] = [
-        ("ViT-B/16", vit, tf.ViTModel, "vit"),
-        ("BERT-base", bert, tf.BertModel, "bert"),
-        ("RoBERTa-base", roberta, tf.RobertaModel, "bert"),
-        ("GPT-2", gpt2, tf.GPT2Model, "gpt2"),
-        ("LLaMA-7B-shaped", llama_like(tf.LlamaConfig, 4096, 11008, 32, 32), tf.LlamaModel, "llama"),
-        ("Mistral-7B-shaped", llama_like(tf.MistralConfig, 4096, 14336, 32, 8), tf.MistralModel, "llama"),
-        ("Qwen2-7B-shaped", llama_like(tf.Qwen2Config, 3584, 18944, 28, 4), tf.Qwen2Model, "llama"),
-    ]
+    configs = {
+        "ViT-B/16": (tf.ViTConfig(num_hidden_layers=1, image_size=64 if quick else 224, **small), tf.ViTModel, "vit"),
+        "BERT-base": (tf.BertConfig(num_hidden_layers=1, vocab_size=VOCAB, **small), tf.BertModel, "bert"),
+        "RoBERTa-base": (tf.RobertaConfig(num_hidden_layers=1, vocab_size=VOCAB, **small), tf.RobertaModel, "bert"),
+        "GPT-2": (tf.GPT2Config(n_layer=1, vocab_size=VOCAB, **({"n_embd": 64, "n_head": 4} if quick else {})),
+                  tf.GPT2Model, "gpt2"),
+        "LLaMA-7B-shaped": (llama_like(tf.LlamaConfig, 4096, 11008, 32, 32), tf.LlamaModel, "llama"),
+        "Mistral-7B-shaped": (llama_like(tf.MistralConfig, 4096, 14336, 32, 8), tf.MistralModel, "llama"),
+        "Qwen2-7B-shaped": (llama_like(tf.Qwen2Config, 3584, 18944, 28, 4), tf.Qwen2Model, "llama"),
+    }
     if quick:
-        configs = [configs[0], configs[1], configs[4]]
-    workloads = []
-    for name, config, cls, family in configs:
-        torch.manual_seed(0)
-        config._attn_implementation = "sdpa"
-        kwargs = {"add_pooling_layer": False} if family in ("vit", "bert") else {}
-        model = cls(config, **kwargs).train()
-        if family == "vit":
-            size = config.image_size
-            inputs = {"pixel_values": torch.randn(1, 3, size, size)}
-            tokens = (size // config.patch_size) ** 2 + 1
-        else:
-            # RoBERTa's padding id is 1: keep it out of the batch so no position is masked.
-            inputs, tokens = _text_inputs(seq, low=2), seq
-        hidden = getattr(config, "hidden_size", None) or config.n_embd
-        workloads.append(Workload(name, model, inputs, tokens, hidden))
-    return workloads
+        return {name: configs[name] for name in ("ViT-B/16", "BERT-base", "LLaMA-7B-shaped")}
+    return configs
+
+
+def model_names(quick: bool) -> list[str]:
+    return list(_configs(quick))
+
+
+def build_workload(name: str, quick: bool) -> Workload:
+    """One model, seeded, in train mode, with its input batch."""
+    config, cls, family = _configs(quick)[name]
+    torch.manual_seed(0)
+    config._attn_implementation = "sdpa"
+    kwargs = {"add_pooling_layer": False} if family in ("vit", "bert") else {}
+    model = cls(config, **kwargs).train()
+    if family == "vit":
+        size = config.image_size
+        inputs = {"pixel_values": torch.randn(1, 3, size, size)}
+        tokens = (size // config.patch_size) ** 2 + 1
+    else:
+        # RoBERTa's padding id is 1: keep it out of the batch so no position is masked.
+        seq = 48 if quick else 256
+        inputs, tokens = _text_inputs(seq, low=2), seq
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    return Workload(name, model, inputs, tokens, hidden)
+
+
+def measure_model(name: str, quick: bool, precisions: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every precision and variant of one model."""
+    workload = build_workload(name, quick)
+    return [measure(workload, precision, variant) for precision in precisions for variant in VARIANTS]
 
 
 class BlockSaveRecorder:
@@ -357,13 +370,19 @@ def main() -> None:
     out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
 
     precisions = ("bf16-mixed",) if args.quick else PRECISIONS
+    names = model_names(args.quick)
     rows = []
-    for workload in build_workloads(args.quick):
-        for precision in precisions:
-            for variant in VARIANTS:
-                rows.append(measure(workload, precision, variant))
-        print(f"{workload.name}: done", flush=True)
-        del workload
+    if args.quick:
+        for name in names:
+            rows += measure_model(name, args.quick, precisions)
+    else:
+        # One fresh process per model: the 7B-shaped layers' copies leave the allocator holding
+        # memory that a long-lived process would accumulate (it reached 22 GB on a 24 GB machine).
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
+            for name, measured in zip(names, pool.map(measure_model, names, repeat(False), repeat(precisions))):
+                rows += measured
+                print(f"{name}: done", flush=True)
     ratios(rows)
     targets = target_rows(rows)
     machine = machine_name(torch.device("cpu"))
