@@ -1,7 +1,9 @@
 """Train a small transformers ViT on scikit-learn's handwritten digits, with and without ApproxBP.
 
 Everything is offline: ``ViTForImageClassification`` is built from a small config (image 32,
-patch 4, hidden 64) and the 1,797 8x8 digits ship with scikit-learn. Prints the bytes a
+patch 4, hidden 64) and the 1,797 8x8 digits ship with scikit-learn. The ApproxBP run uses the
+callback and the ``ApproxBPPrecision("bf16-mixed")`` plugin; the baseline is Lightning's
+``precision="bf16-mixed"``. Prints the bytes a
 training step saves for backward and the validation accuracy (torchmetrics) of each run.
 
     python examples/image_classification.py               # both runs, compared
@@ -18,6 +20,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from lightning_approxbp.callbacks.approxbp import ApproxBP
 from lightning_approxbp.callbacks.peak_memory import PeakMemoryMonitor
+from lightning_approxbp.plugins import ApproxBPPrecision
 from lightning_approxbp.recipes import DigitsDataModule, ViTClassifier
 
 
@@ -25,8 +28,14 @@ def run(approxbp: bool, fast: bool) -> dict[str, Any]:
     seed_everything(42)
     datamodule = DigitsDataModule(image_size=32, batch_size=64)
     model = ViTClassifier(image_size=32, patch_size=4, hidden_size=64, num_layers=4, num_heads=4, lr=2e-3)
-    callbacks = [ApproxBP(), PeakMemoryMonitor()] if approxbp else [PeakMemoryMonitor()]
-    trainer = Trainer(precision="bf16-mixed", callbacks=callbacks, **trainer_kwargs(fast, max_epochs=8))
+    if approxbp:
+        setup: dict[str, Any] = {
+            "callbacks": [ApproxBP(), PeakMemoryMonitor()],
+            "plugins": [ApproxBPPrecision("bf16-mixed")],
+        }
+    else:
+        setup = {"callbacks": [PeakMemoryMonitor()], "precision": "bf16-mixed"}
+    trainer = Trainer(**setup, **trainer_kwargs(fast, max_epochs=8))
     trainer.fit(model, datamodule=datamodule)
     return result_row(trainer, approxbp, ("val_acc", "val_loss"))
 

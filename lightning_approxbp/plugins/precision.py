@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Callable
-from weakref import WeakKeyDictionary
+from types import MethodType
+from weakref import WeakKeyDictionary, WeakSet
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -28,6 +29,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -61,6 +63,13 @@ class ApproxBPPrecision(Precision):
       This is what LoRA and frozen-backbone fine-tuning gain. Trainable weights stay fp32
       (the optimizer needs fp32 master weights). The original dtypes come back in ``teardown``
       (values stay rounded), so the module runs without autocast after ``fit``.
+    - **Trainable linear weights cast again in backward** (``"16-mixed"``, ``"bf16-mixed"``).
+      Autocast gives every ``nn.Linear`` call a half-precision copy of its weight, and autograd
+      keeps that copy until the layer's backward: half the model's size, held through the whole
+      forward. Exact ``nn.Linear`` layers with a trainable weight instead save a reference to
+      the fp32 weight and cast it again in backward (one cast per layer and step). Outputs and
+      gradients are bit-identical to autocast's (tested). The ApproxBP merged linears already
+      work this way.
     - **Memory-sharing norms emit the training dtype.** Under ``"*-mixed"`` the ApproxBP norms
       follow autocast by default, so the norm and the layer it feeds save one half-precision
       tensor. Under ``"*-true"`` a norm built with an explicit wider ``output_dtype`` is reset
@@ -79,6 +88,8 @@ class ApproxBPPrecision(Precision):
         device: device type for ``torch.autocast`` and the ``GradScaler`` (``"cuda"``, ``"cpu"``,
             ``"mps"``). Default: the Trainer's root device type, known when training starts.
         store_frozen_weights: store frozen weights in the autocast dtype (mixed precision only).
+        recast_trainable_weights: cast trainable ``nn.Linear`` weights again in backward instead of
+            saving autocast's copy (mixed precision only).
 
     Raises:
         ValueError: for a precision string not in the list above.
@@ -94,7 +105,11 @@ class ApproxBPPrecision(Precision):
     """
 
     def __init__(
-        self, precision: str = "bf16-mixed", device: str | None = None, store_frozen_weights: bool = True
+        self,
+        precision: str = "bf16-mixed",
+        device: str | None = None,
+        store_frozen_weights: bool = True,
+        recast_trainable_weights: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(
@@ -102,9 +117,11 @@ class ApproxBPPrecision(Precision):
             )
         self.precision = precision  # type: ignore[assignment]
         self.store_frozen_weights = store_frozen_weights
+        self.recast_trainable_weights = recast_trainable_weights
         self._explicit_device = device
         self._plugin = _lightning_plugin(precision, device or _default_device_type())
         self._stored: WeakKeyDictionary[nn.Parameter, torch.dtype] = WeakKeyDictionary()
+        self._recasting: WeakSet[nn.Linear] = WeakSet()
 
     @property
     def plugin(self) -> Precision:
@@ -128,6 +145,8 @@ class ApproxBPPrecision(Precision):
         module = self._plugin.convert_module(module)
         if self.precision.endswith("-mixed") and self.store_frozen_weights:
             self._store_frozen_weights(module)
+        if self.precision.endswith("-mixed") and self.recast_trainable_weights:
+            self._recasting.update(recast_trainable_weights(module))
         if self.precision in ("16-true", "bf16-true"):
             _follow_input_dtype(module, self.compute_dtype)
         return module
@@ -135,6 +154,9 @@ class ApproxBPPrecision(Precision):
     @override
     def teardown(self) -> None:
         self._restore_frozen_weights()
+        for linear in list(self._recasting):
+            linear.__dict__.pop("forward", None)
+        self._recasting = WeakSet()
         self._plugin.teardown()
 
     def _check_strategy(self, module: nn.Module) -> None:
@@ -258,7 +280,10 @@ class ApproxBPPrecision(Precision):
         self._plugin.on_load_checkpoint(checkpoint)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(precision={self.precision!r}, store_frozen_weights={self.store_frozen_weights})"
+        return (
+            f"{type(self).__name__}(precision={self.precision!r}, store_frozen_weights={self.store_frozen_weights}, "
+            f"recast_trainable_weights={self.recast_trainable_weights})"
+        )
 
 
 def store_frozen_weights(module: nn.Module, dtype: torch.dtype) -> dict[nn.Parameter, torch.dtype]:
@@ -294,6 +319,72 @@ def store_frozen_weights(module: nn.Module, dtype: torch.dtype) -> dict[nn.Param
             converted[param] = param.dtype
             param.data = param.data.to(dtype)
     return converted
+
+
+def recast_trainable_weights(module: nn.Module) -> list[nn.Linear]:
+    """Make exact ``nn.Linear`` layers with a trainable weight cast it again in backward under autocast.
+
+    The layer's ``forward`` is replaced on the instance (class, parameters and state dict are
+    unchanged; ``del layer.forward`` undoes it). Outside autocast, or without grad, the layer
+    runs ``F.linear`` as before.
+
+    Returns:
+        The layers changed by this call (already changed layers are skipped).
+
+    Example::
+
+        >>> layer = torch.nn.Linear(4, 4)
+        >>> len(recast_trainable_weights(layer))
+        1
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     layer(torch.randn(2, 4)).dtype
+        torch.bfloat16
+    """
+    changed = []
+    for submodule in module.modules():
+        if type(submodule) is nn.Linear and submodule.weight.requires_grad and "forward" not in submodule.__dict__:
+            submodule.forward = MethodType(_linear_recasting_in_backward, submodule)
+            changed.append(submodule)
+    return changed
+
+
+def _linear_recasting_in_backward(self: nn.Linear, x: Tensor) -> Tensor:
+    device_type = x.device.type
+    if not (torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and self.weight.requires_grad):
+        return F.linear(x, self.weight, self.bias)
+    return _RecastLinearFunction.apply(x, self.weight, self.bias, torch.get_autocast_dtype(device_type))
+
+
+class _RecastLinearFunction(torch.autograd.Function):
+    """Autocast's ``linear`` that saves the fp32 weight (a reference) instead of its cast copy.
+
+    Saves the input in the autocast dtype (the tensor autocast's ``linear`` saves too) and the
+    weight; recomputes the weight's cast in backward. The matmuls are those autograd runs for
+    ``addmm``, so results are bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        x_c = x.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(x_c, weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x_c, weight)
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_c, weight = ctx.saved_tensors
+        x_dtype, bias_dtype = ctx.dtypes
+        grad = grad_output.reshape(-1, grad_output.shape[-1]).to(x_c.dtype)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.mm(weight.to(x_c.dtype)).view(*x_c.shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = x_c.reshape(-1, x_c.shape[-1]).t().mm(grad).t().to(weight.dtype)
+        if bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0).to(bias_dtype)
+        return grad_x, grad_weight, grad_bias, None
 
 
 def _is_autocast_cast(module: nn.Module) -> bool:

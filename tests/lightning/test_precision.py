@@ -93,9 +93,9 @@ def test_frozen_weights_forward_is_bit_identical_and_saves_less(half: str) -> No
     frozen = [model.conv2d, model.conv1d, model.gpt_proj, model.linear]
     assert all(p.dtype == HALF[half] for m in frozen for p in m.parameters())
     assert all(p.dtype == torch.float32 for p in model.head.parameters())
-    # Without the plugin, autocast makes a half-precision copy of each frozen weight and saves it.
-    frozen_weight_bytes = sum(m.weight.numel() * 2 for m in frozen)
-    assert ref_stats.activation_bytes - stats.activation_bytes == frozen_weight_bytes
+    # Without the plugin, autocast makes a half-precision copy of each weight and saves it.
+    weight_copies = sum(m.weight.numel() * 2 for m in (*frozen, model.head))
+    assert ref_stats.activation_bytes - stats.activation_bytes == weight_copies
 
 
 def test_weight_tied_to_an_embedding_is_left_alone() -> None:
@@ -120,8 +120,31 @@ def test_ms_norm_and_next_linear_save_one_half_precision_copy(precision: str) ->
     with SavedTensorCounter(exclude=model.parameters()) as counter, plugin.forward_context():
         model(x)
     rows = 8
-    weight_copy = 0 if precision == "bf16-true" else 64 * 64 * 2  # autocast's copy of the trainable weight
-    assert counter.stats.bytes_by_dtype == {"bfloat16": rows * 64 * 2 + weight_copy, "float32": rows * 4}
+    assert counter.stats.bytes_by_dtype == {"bfloat16": rows * 64 * 2, "float32": rows * 4}
+
+
+@pytest.mark.parametrize("half", ["bf16", "16"])
+@pytest.mark.parametrize("shape", [(8, 32), (2, 5, 32)])
+def test_trainable_linears_recast_in_backward_bit_identical(half: str, shape: tuple[int, ...]) -> None:
+    precision = f"{half}-mixed"
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16, bias=False))
+    reference = copy.deepcopy(model)
+    plugin = ApproxBPPrecision(precision, device="cpu")
+    plugin.convert_module(model)
+    x = torch.randn(*shape)
+    results = []
+    for module, amp in ((reference, MixedPrecision(precision, "cpu")), (model, plugin)):  # type: ignore[arg-type]
+        inputs = x.clone().requires_grad_(True)
+        with SavedTensorCounter(exclude=module.parameters()) as counter, amp.forward_context():
+            out = module(inputs)
+        out.float().sin().sum().backward()
+        results.append((out, inputs.grad, [p.grad for p in module.parameters()], counter.stats.activation_bytes))
+    (ref_out, ref_dx, ref_grads, ref_saved), (out, dx, grads, saved) = results
+    assert torch.equal(out, ref_out) and torch.equal(dx, ref_dx)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    assert ref_saved - saved == (32 * 48 + 48 * 16) * 2  # autocast's two weight copies
+    plugin.teardown()
+    assert "forward" not in model[0].__dict__
 
 
 def test_true_precision_resets_a_wider_norm_output_dtype() -> None:
