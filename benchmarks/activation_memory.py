@@ -342,9 +342,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows if r["precision"] == "bf16-mixed"))
-    fig, axes = plt.subplots(1, len(models), figsize=(2.6 * len(models), 3.8), sharey=False, squeeze=False)
+    columns = min(4, len(models))
+    lines = -(-len(models) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.0 * columns, 3.3 * lines + 0.8), squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
     colors = plt.get_cmap("tab10").colors
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes.flat, models):
         selected = {r["variant"]: r for r in rows if r["model"] == model and r["precision"] == "bf16-mixed"}
         bottom = [0.0] * len(VARIANTS)
         for index, bucket in enumerate(BUCKETS):
@@ -353,11 +357,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             bottom = [b + h for b, h in zip(bottom, heights)]
         ax.set_title(model, fontsize=9)
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
-    axes[0][0].set_ylabel("saved bytes per token / hidden size d")
+    for row in axes:
+        row[0].set_ylabel("saved bytes per token / d", fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(BUCKETS), fontsize=7)
-    fig.suptitle("bf16-mixed: bytes saved for backward per token per block", y=0.9, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=7)
+    fig.suptitle("bf16-mixed: bytes saved for backward per token per block", y=0.93, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / (3.3 * lines + 0.8)))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
