@@ -1,8 +1,8 @@
 """CPU training-step time: ApproxBP vs exact backprop (and gradient checkpointing), same run.
 
 Two models built from configs: a BERT-base-sized encoder (2 layers at true width 768) and a
-LLaMA-shaped decoder (1 layer, hidden 1024, intermediate 2816), each on 2 x 128 tokens; fp32 ("32-true"), train mode. One training step = forward, loss (mean square of the
-last hidden state), backward and an AdamW step. Each variant has its own copy of the same
+LLaMA-shaped decoder (1 layer, hidden 1024, intermediate 2816), each on 4 x 128 tokens; fp32
+("32-true"), train mode. One training step = forward, loss (mean square of the last hidden state), backward and an AdamW step. Each variant has its own copy of the same
 initial weights and its own optimizer:
 
 - ``baseline``: exact backprop;
@@ -45,7 +45,7 @@ def build_models(quick: bool) -> list[tuple[str, nn.Module, dict[str, Tensor]]]:
     """(name, model, batch) for the BERT-base-sized and LLaMA-shaped models, seeded."""
     import transformers as tf
 
-    batch, seq = (2, 32) if quick else (2, 128)
+    batch, seq = (2, 32) if quick else (4, 128)
     bert_width = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4} if quick else {}
     llama_width = (
         {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 4}
@@ -127,12 +127,12 @@ def render_markdown(rows: list[dict[str, Any]], machine: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy widths, 2 rounds")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
     args = parser.parse_args()
     out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
 
-    rounds, warmup = (2, 1) if args.quick else (args.rounds, 1)
+    rounds, warmup = (2, 1) if args.quick else (args.rounds, 2)
     rows = [time_interleaved(name, model, batch, rounds, warmup) for name, model, batch in build_models(args.quick)]
     machine = machine_name(torch.device("cpu"))
     markdown = render_markdown(rows, machine)
