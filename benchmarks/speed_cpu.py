@@ -2,8 +2,9 @@
 
 Two models built from configs: a BERT-base-sized encoder (2 layers at true width 768) and a
 LLaMA-shaped decoder (1 layer, hidden 1024, intermediate 2816), each on 4 x 128 tokens; fp32
-("32-true"), train mode. One training step = forward, loss (mean square of the last hidden state), backward and an AdamW step. Each variant has its own copy of the same
-initial weights and its own optimizer:
+("32-true"), train mode. One training step = forward, loss (mean square of the last hidden state),
+backward and an AdamW step. Each variant has its own copy of the same initial weights and its own
+optimizer:
 
 - ``baseline``: exact backprop;
 - ``approxbp``: ``lightning_approxbp.convert(model, batch)`` (2-bit fitted activations,
