@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
 
 SAVED = "peak_memory/saved_activation_bytes"
 CUDA_PEAK = "peak_memory/train_allocated_bytes"
@@ -29,13 +30,16 @@ def modes(args: argparse.Namespace) -> list[bool]:
     return [False, True] if args.approxbp is None else [args.approxbp]
 
 
-def trainer_kwargs(fast: bool, max_epochs: int) -> dict[str, Any]:
-    """Trainer settings shared by the examples; ``fast`` limits the run to a few batches."""
+def trainer_kwargs(fast: bool, max_epochs: int, name: str) -> dict[str, Any]:
+    """Trainer settings shared by the examples; ``fast`` limits the run to a few batches.
+
+    Metrics go to ``lightning_logs/<name>/version_N/metrics.csv`` under the current directory.
+    """
     kwargs: dict[str, Any] = {
         "max_epochs": max_epochs,
         "accelerator": "auto",
         "devices": 1,
-        "logger": False,
+        "logger": CSVLogger("lightning_logs", name=name),
         "enable_checkpointing": False,
         "enable_model_summary": False,
         "enable_progress_bar": not fast,

@@ -34,7 +34,7 @@ def run(approxbp: bool, fast: bool) -> dict[str, Any]:
         }
     else:
         setup = {"callbacks": [PeakMemoryMonitor()], "precision": "bf16-mixed"}
-    trainer = Trainer(**setup, **trainer_kwargs(fast, max_epochs=2))
+    trainer = Trainer(**setup, **trainer_kwargs(fast, max_epochs=2, name="text_classification"))
     trainer.fit(model, datamodule=datamodule)
     return result_row(trainer, approxbp, ("val_acc", "val_loss"))
 

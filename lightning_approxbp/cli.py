@@ -68,13 +68,18 @@ def cli(args: Sequence[str], run: bool = True) -> LightningCLI:
     """Build (and by default run) the LightningCLI for ``args``."""
     for module in SHORT_NAME_MODULES:
         importlib.import_module(module)
-    return LightningCLI(
-        model_class=None,
-        datamodule_class=None,
-        save_config_kwargs={"overwrite": True},
-        args=list(args),
-        run=run,
-    )
+    saved = sys.argv
+    sys.argv = saved[:1]  # the arguments come from `args`; LightningCLI warns when sys.argv has others too
+    try:
+        return LightningCLI(
+            model_class=None,
+            datamodule_class=None,
+            save_config_kwargs={"overwrite": True},
+            args=list(args),
+            run=run,
+        )
+    finally:
+        sys.argv = saved
 
 
 def sdk_entry_point() -> importlib.metadata.EntryPoint | None:
