@@ -3,8 +3,8 @@
 Everything is offline: ``ViTForImageClassification`` is built from a small config (image 32,
 patch 4, hidden 64) and the 1,797 8x8 digits ship with scikit-learn. The ApproxBP run uses the
 callback and the ``ApproxBPPrecision("bf16-mixed")`` plugin; the baseline is Lightning's
-``precision="bf16-mixed"``. Prints the bytes a
-training step saves for backward and the validation accuracy (torchmetrics) of each run.
+``precision="bf16-mixed"``. Prints the bytes a training step saves for backward and the
+validation accuracy (torchmetrics) of each run.
 
     python examples/image_classification.py               # both runs, compared
     python examples/image_classification.py --approxbp    # ApproxBP only
