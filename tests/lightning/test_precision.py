@@ -21,11 +21,6 @@ from lightning_approxbp.saved_tensors import SavedTensorCounter
 HALF = {"bf16": torch.bfloat16, "16": torch.float16}
 
 
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
 def test_rejects_unknown_precision() -> None:
     with pytest.raises(ValueError, match="Choose one of: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true"):
         ApproxBPPrecision("64-true")
