@@ -205,31 +205,38 @@ def configure(module: LightningModule, variant: str) -> tuple[list[Callback], An
 
 
 def run_variant(workload: Workload, variant: str, warmup: int, steps: int, accelerator: str) -> dict[str, Any]:
+    """Train one variant; its model and trainer are freed before the next variant starts."""
     row: dict[str, Any] = {"workload": workload.name, "variant": variant}
-    monitor = StepMonitor(warmup)
     try:
-        module = workload.build()
-        callbacks, precision = configure(module, variant)
-        plugins = [precision] if isinstance(precision, ApproxBPPrecision) else []
-        trainer = Trainer(
-            accelerator=accelerator, devices=1, precision=None if plugins else precision, plugins=plugins,
-            max_steps=warmup + steps, callbacks=[*callbacks, monitor], logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        )
-        trainer.fit(module, datamodule=RepeatedBatch(workload.batch, warmup + steps))
-        step = statistics.median(monitor.step_seconds)
-        row.update(step_ms=1e3 * step, samples_per_s=workload.samples / step, tokens_per_s=workload.tokens / step,
-                   peak_bytes=monitor.peak_bytes)
-        report = callbacks[0].report if callbacks and isinstance(callbacks[0], ApproxBP) else None
-        if report is not None:
-            row["converted_modules"] = len(report.converted)
+        row.update(_fit(workload, variant, warmup, steps, accelerator))
     except Exception as err:  # noqa: BLE001 - one failing variant (e.g. OOM) must not lose the others
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    # Trainer and LightningModule reference each other: collect the cycle now, or the previous
+    # variant's weights would still be allocated during the next variant's peak measurement.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return row
+
+
+def _fit(workload: Workload, variant: str, warmup: int, steps: int, accelerator: str) -> dict[str, Any]:
+    module = workload.build()
+    callbacks, precision = configure(module, variant)
+    plugins = [precision] if isinstance(precision, ApproxBPPrecision) else []
+    monitor = StepMonitor(warmup)
+    trainer = Trainer(
+        accelerator=accelerator, devices=1, precision=None if plugins else precision, plugins=plugins,
+        max_steps=warmup + steps, callbacks=[*callbacks, monitor], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=RepeatedBatch(workload.batch, warmup + steps))
+    step = statistics.median(monitor.step_seconds)
+    result: dict[str, Any] = {"step_ms": 1e3 * step, "samples_per_s": workload.samples / step,
+                              "tokens_per_s": workload.tokens / step, "peak_bytes": monitor.peak_bytes}
+    report = callbacks[0].report if callbacks and isinstance(callbacks[0], ApproxBP) else None
+    if report is not None:
+        result["converted_modules"] = len(report.converted)
+    return result
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
