@@ -168,7 +168,7 @@ class ApproxBPPrecision(Precision):
             raise MisconfigurationException(
                 f"ApproxBPPrecision does not work with {name}: that strategy needs its own precision plugin. "
                 f"Remove the plugin and pass `Trainer(precision={self.precision!r})` instead; the ApproxBP callback "
-                "saves activation memory without it (only the frozen-weight storage of this plugin is lost)."
+                "saves activation memory without it (only this plugin's weight-copy savings are lost)."
             )
 
     def _bind_device(self, module: nn.Module) -> None:
