@@ -96,3 +96,12 @@ def test_rejects_bad_interval() -> None:
 
 def test_host_rss_is_reported_in_bytes() -> None:
     assert peak_memory._host_rss_peak_bytes() > 10 * 2**20
+
+
+@pytest.mark.gpu
+def test_cuda_keys_for_train_and_validation(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, PeakMemoryMonitor(), accelerator="cuda", devices=1, logger=CSVLogger(tmp_path))
+    trainer.fit(BoringModel())
+    keys = {f"peak_memory/{phase}_{kind}_bytes" for phase in ("train", "val") for kind in ("allocated", "reserved")}
+    assert keys <= set(trainer.callback_metrics)
+    assert all(trainer.callback_metrics[key] > 0 for key in keys)
