@@ -108,7 +108,7 @@ class LoRACausalLM(LightningModule):
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: LLaMA size.
         lora_rank, lora_alpha: LoRA settings; adapters on all attention and MLP projections.
         lr: AdamW learning rate.
-        seed: seed of the base model's random initialisation.
+        init_seed: seed of the base model's random initialisation.
     """
 
     def __init__(
@@ -122,7 +122,7 @@ class LoRACausalLM(LightningModule):
         lora_rank: int = 16,
         lora_alpha: int = 32,
         lr: float = 2e-3,
-        seed: int = 0,
+        init_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -140,7 +140,7 @@ class LoRACausalLM(LightningModule):
             tie_word_embeddings=False,
         )
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            torch.manual_seed(init_seed)
             base = LlamaForCausalLM(config)
         lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
         self.model = get_peft_model(base, lora)
