@@ -2,7 +2,7 @@
 
 Reads the JSON files under ``benchmarks/results/`` (whichever exist), and writes one markdown
 section, ``benchmarks/results/README_results.md`` (also placed between the generated-results
-markers of ``docs/benchmarks.md``): a summary of every issue-5 target with the
+markers of ``README.md`` and ``docs/benchmarks.md``): a summary of every issue-5 target with the
 measured figure, the machine and met / not met, then the key tables. A result that has not been
 produced yet (e.g. the GPU run on a machine without a GPU) is listed as "not measured".
 
@@ -20,6 +20,7 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 OUTPUT = RESULTS / "README_results.md"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 DOCS_BEGIN, DOCS_END = "<!-- generated results: begin -->", "<!-- generated results: end -->"
 
 
@@ -173,12 +174,20 @@ def main() -> None:
         return
     OUTPUT.write_text(build(args.results))
     print(f"wrote {OUTPUT}")
-    if DOCS.exists() and DOCS_BEGIN in (docs := DOCS.read_text()):
-        head, _, rest = docs.partition(DOCS_BEGIN)
-        _, _, tail = rest.partition(DOCS_END)
-        body = build(args.results, root="../").replace("## Results\n", "", 1).strip()
-        DOCS.write_text(f"{head}{DOCS_BEGIN}\n{body}\n{DOCS_END}{tail}")
-        print(f"updated {DOCS}")
+    for document, root in ((README, ""), (DOCS, "../")):
+        body = build(args.results, root=root).replace("## Results\n", "", 1).strip()
+        if fill_markers(document, body):
+            print(f"updated {document}")
+
+
+def fill_markers(document: Path, body: str) -> bool:
+    """Replace the text between the generated-results markers of ``document``, if it has them."""
+    if not document.exists() or DOCS_BEGIN not in (text := document.read_text()):
+        return False
+    head, _, rest = text.partition(DOCS_BEGIN)
+    _, _, tail = rest.partition(DOCS_END)
+    document.write_text(f"{head}{DOCS_BEGIN}\n{body}\n{DOCS_END}{tail}")
+    return True
 
 
 if __name__ == "__main__":
