@@ -44,21 +44,32 @@ def _empty_like_optional(reference: Tensor | None, device: torch.device) -> Tens
 
 
 # ----------------------------------------------------------------------------- PyTorch path
+#
+# The PyTorch path leans on torch's fused norm kernels, fed with compute-dtype tensors. The
+# LayerNorm backward trick: a norm's backward evaluated at the input ``x_hat`` with ``mean = 0`` and
+# ``rstd = 1`` is exactly the output formula without its final ``rstd`` factor, because
+# normalising ``x_hat`` with those statistics returns ``x_hat`` itself.
+
+# Fused RMSNorm forward exists on every device from torch 2.7; its backward is CUDA-only.
+_HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
 
 
 def _torch_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, centered: bool, offset: float, out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    xf = x.to(compute_dtype(x.dtype))
+    dtype = compute_dtype(x.dtype)
+    xf = x.to(dtype)
+    gamma = None if weight is None else weight.to(dtype) + offset
+    beta = None if bias is None else bias.to(dtype)
+    n_cols = (x.shape[-1],)
     if centered:
-        xf = xf - xf.mean(dim=-1, keepdim=True)
-    rstd = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
-    out = xf * rstd
-    if weight is not None:
-        out = out * (weight.to(out.dtype) + offset)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.to(out_dtype), rstd.squeeze(-1)
+        y, _, rstd = torch.native_layer_norm(xf, n_cols, gamma, beta, eps)
+    elif _HAS_FUSED_RMS_NORM:
+        y, rstd = torch.ops.aten._fused_rms_norm(xf, list(n_cols), gamma, eps)
+    else:
+        rstd = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+        y = xf * rstd if gamma is None else xf * rstd * gamma
+    return y.to(out_dtype), rstd.reshape(-1)
 
 
 def _torch_backward(
@@ -75,23 +86,27 @@ def _torch_backward(
     dtype = rstd.dtype
     dy = grad_output.to(dtype)
     x_hat = y.to(dtype)
-    grad_weight = _empty_like_optional(weight, y.device)
-    grad_bias = _empty_like_optional(bias, y.device)
-    if bias is not None:
-        x_hat = x_hat - bias.to(dtype)
-        grad_bias = dy.sum(dim=0).to(bias.dtype)
-    if weight is not None:
-        gamma = weight.to(dtype) + offset
+    gamma = None if weight is None else weight.to(dtype) + offset
+    beta = None if bias is None else bias.to(dtype)
+    if beta is not None:
+        x_hat = x_hat - beta
+    if gamma is not None:
         x_hat = x_hat / clamp_away_from_zero(gamma, weight_clamp)
-        grad_weight = (dy * x_hat).sum(dim=0).to(weight.dtype)
-        dy = dy * gamma
-    n_cols = y.shape[-1]
-    projection = (dy * x_hat).sum(dim=-1, keepdim=True) / n_cols
-    grad_input = dy - x_hat * projection
+    n_cols = (y.shape[-1],)
+    unit = torch.ones(y.shape[0], 1, dtype=dtype, device=y.device)
+    mask = [True, gamma is not None, beta is not None]
     if centered:
-        grad_input = grad_input - dy.sum(dim=-1, keepdim=True) / n_cols
-    grad_input = grad_input * rstd.unsqueeze(-1)
-    return grad_input.to(input_dtype), grad_weight, grad_bias
+        dx, dgamma, dbeta = torch.ops.aten.native_layer_norm_backward(
+            dy, x_hat, n_cols, torch.zeros_like(unit), unit, gamma, beta, mask
+        )
+    else:
+        dy_hat = dy if gamma is None else dy * gamma
+        dx = dy_hat - x_hat * (dy_hat * x_hat).mean(dim=-1, keepdim=True)
+        dgamma = None if gamma is None else (dy * x_hat).sum(dim=0)
+        dbeta = None
+    grad_weight = _empty_like_optional(weight, y.device) if dgamma is None else dgamma.to(weight.dtype)
+    grad_bias = _empty_like_optional(bias, y.device) if dbeta is None else dbeta.to(bias.dtype)
+    return (dx * rstd.unsqueeze(-1)).to(input_dtype), grad_weight, grad_bias
 
 
 # ----------------------------------------------------------------------------- torch.library
