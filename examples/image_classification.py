@@ -18,8 +18,7 @@ from typing import Any
 from common import parse_args, report, result_row, trainer_kwargs
 from lightning.pytorch import Trainer, seed_everything
 
-from lightning_approxbp.callbacks.approxbp import ApproxBP
-from lightning_approxbp.callbacks.peak_memory import PeakMemoryMonitor
+from lightning_approxbp import ApproxBP, PeakMemoryMonitor
 from lightning_approxbp.plugins import ApproxBPPrecision
 from lightning_approxbp.recipes import DigitsDataModule, ViTClassifier
 
