@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import parse_args, report, result_row, trainer_kwargs
+from common import memory_setup, parse_args, report, result_row, trainer_kwargs
 from lightning.pytorch import Trainer, seed_everything
 
-from lightning_approxbp import ApproxBP, PeakMemoryMonitor
-from lightning_approxbp.plugins import ApproxBPPrecision
 from lightning_approxbp.recipes import BBCNewsLMDataModule, LoRACausalLM
 
 
@@ -28,14 +26,7 @@ def run(approxbp: bool, fast: bool) -> dict[str, Any]:
     seed_everything(42)
     datamodule = BBCNewsLMDataModule(field="lead", max_length=64, batch_size=16, limit=200 if fast else 1000)
     model = LoRACausalLM(hidden_size=256, num_layers=4, lora_rank=16)
-    if approxbp:
-        setup: dict[str, Any] = {
-            "callbacks": [ApproxBP(), PeakMemoryMonitor()],
-            "plugins": [ApproxBPPrecision("bf16-mixed")],
-        }
-    else:
-        setup = {"callbacks": [PeakMemoryMonitor()], "precision": "bf16-mixed"}
-    trainer = Trainer(**setup, **trainer_kwargs(fast, max_epochs=2, name="causal_lm_lora"))
+    trainer = Trainer(**memory_setup(approxbp), **trainer_kwargs(fast, max_epochs=2, name="causal_lm_lora"))
     trainer.fit(model, datamodule=datamodule)
     return result_row(trainer, approxbp, ("val_loss", "val_ppl"))
 

@@ -9,6 +9,8 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_approxbp import ApproxBP, ApproxBPPrecision, PeakMemoryMonitor
+
 SAVED = "peak_memory/saved_activation_bytes"
 CUDA_PEAK = "peak_memory/train_allocated_bytes"
 
@@ -28,6 +30,13 @@ def parse_args(description: str) -> argparse.Namespace:
 
 def modes(args: argparse.Namespace) -> list[bool]:
     return [False, True] if args.approxbp is None else [args.approxbp]
+
+
+def memory_setup(approxbp: bool) -> dict[str, Any]:
+    """Trainer arguments of the two runs: ApproxBP callback + plugin, or Lightning's bf16-mixed."""
+    if approxbp:
+        return {"callbacks": [ApproxBP(), PeakMemoryMonitor()], "plugins": [ApproxBPPrecision("bf16-mixed")]}
+    return {"callbacks": [PeakMemoryMonitor()], "precision": "bf16-mixed"}
 
 
 def trainer_kwargs(fast: bool, max_epochs: int, name: str) -> dict[str, Any]:

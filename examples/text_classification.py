@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import parse_args, report, result_row, trainer_kwargs
+from common import memory_setup, parse_args, report, result_row, trainer_kwargs
 from lightning.pytorch import Trainer, seed_everything
 
-from lightning_approxbp import ApproxBP, PeakMemoryMonitor
-from lightning_approxbp.plugins import ApproxBPPrecision
 from lightning_approxbp.recipes import BBCNewsDataModule, TextClassifier
 
 
@@ -27,14 +25,7 @@ def run(approxbp: bool, fast: bool) -> dict[str, Any]:
     seed_everything(42)
     datamodule = BBCNewsDataModule(field="headline", max_length=32, batch_size=32, limit=200 if fast else 1000)
     model = TextClassifier(num_classes=5, lr=1e-4)
-    if approxbp:
-        setup: dict[str, Any] = {
-            "callbacks": [ApproxBP(), PeakMemoryMonitor()],
-            "plugins": [ApproxBPPrecision("bf16-mixed")],
-        }
-    else:
-        setup = {"callbacks": [PeakMemoryMonitor()], "precision": "bf16-mixed"}
-    trainer = Trainer(**setup, **trainer_kwargs(fast, max_epochs=2, name="text_classification"))
+    trainer = Trainer(**memory_setup(approxbp), **trainer_kwargs(fast, max_epochs=2, name="text_classification"))
     trainer.fit(model, datamodule=datamodule)
     return result_row(trainer, approxbp, ("val_acc", "val_loss"))
 
