@@ -77,7 +77,8 @@ class SavedTensorCounter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        assert self._hooks is not None
+        if self._hooks is None:
+            raise RuntimeError("SavedTensorCounter exited without being entered.")
         self._hooks.__exit__(exc_type, exc, tb)
         self._hooks = None
 
