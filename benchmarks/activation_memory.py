@@ -8,8 +8,10 @@ train mode with the configs' own dropout), under three precisions:
 - ``bf16-mixed``: fp32 parameters, ``torch.autocast("cpu", torch.bfloat16)`` around the forward;
 - ``bf16-true``: ``model.to(torch.bfloat16)``, no autocast;
 
-and five variants: ``baseline``, ``activations`` (``convert(..., norms=False)``), ``norms``
-(``convert(..., activations=False)``), ``both`` (``convert(...)``) and ``checkpoint``
+and six variants: ``baseline``, ``activations`` (``convert(..., norms=False)``), ``norms``
+(``convert(..., activations=False)``), ``both`` (``convert(...)``), ``keep`` (both techniques
+with every norm affine kept in the norm and recovered from its output, i.e. NVIDIA apex's
+``memory_efficient=True`` semantics: ``convert(..., affine="keep")``) and ``checkpoint``
 (transformers ``gradient_checkpointing_enable``, non-reentrant ``torch.utils.checkpoint``).
 Conversion gets the benchmark batch as its probe, so norm affines merge into their consumers.
 
@@ -57,7 +59,7 @@ from lightning_approxbp import convert
 from _common import RESULTS_DIR, machine_name
 
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "bf16-true")
-VARIANTS: tuple[str, ...] = ("baseline", "activations", "norms", "both", "checkpoint")
+VARIANTS: tuple[str, ...] = ("baseline", "activations", "norms", "both", "keep", "checkpoint")
 BUCKETS: tuple[str, ...] = ("norm", "activation", "linear input", "attention", "dropout mask", "other", "checkpoint inputs")
 TARGETS: dict[str, float] = {"ViT-B/16": 0.60, "LLaMA-7B-shaped": 0.55}  # bf16-mixed, both / baseline
 VOCAB = 1000
@@ -234,7 +236,8 @@ def prepare(workload: Workload, precision: str, variant: str) -> nn.Module:
         enable_checkpointing(model)
     elif variant != "baseline":
         inputs = _cast_inputs(workload.inputs, precision)
-        convert(model, inputs, activations=variant != "norms", norms=variant != "activations")
+        affine = "keep" if variant == "keep" else "auto"
+        convert(model, inputs, activations=variant != "norms", norms=variant != "activations", affine=affine)
     return model
 
 
