@@ -17,7 +17,7 @@ from lightning_approxbp.conversion.activations import (
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses, trace_norm_uses
 from lightning_approxbp.conversion.merged import is_merged, merge_into
-from lightning_approxbp.conversion.norms import NormSpec, _ConvertedNorm, build_converted_norm, detect_norm, gamma
+from lightning_approxbp.conversion.norms import NormSpec, ConvertedNorm, build_converted_norm, detect_norm, gamma
 from lightning_approxbp.conversion.probe import (
     ProbeFn,
     ProbeRun,
@@ -54,7 +54,7 @@ class _Decision:
 
 
 def _is_converted(module: nn.Module) -> bool:
-    return isinstance(module, (StepActivation, _ConvertedNorm)) or is_merged(module)
+    return isinstance(module, (StepActivation, ConvertedNorm)) or is_merged(module)
 
 
 def _features(spec: NormSpec) -> int:

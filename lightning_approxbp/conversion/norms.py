@@ -127,7 +127,7 @@ def gamma(module: nn.Module, offset: float) -> Tensor | None:
     return None if weight is None else weight.detach() + offset
 
 
-class _ConvertedNorm:
+class ConvertedNorm:
     """Mixin: the strategy-dependent forward shared by both converted norm classes.
 
     ``strategy``: ``"merge"`` (the affine is applied by the consumers: this module normalises
@@ -152,7 +152,7 @@ class _ConvertedNorm:
         return f"approxbp: affine={self.strategy}, output={self.output}"
 
 
-class ConvertedLayerNorm(_ConvertedNorm, MSLayerNorm):
+class ConvertedLayerNorm(ConvertedNorm, MSLayerNorm):
     """The :class:`~lightning_approxbp.nn.MSLayerNorm` that a conversion puts in place of a LayerNorm."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -166,7 +166,7 @@ class ConvertedLayerNorm(_ConvertedNorm, MSLayerNorm):
         return f"{super().extra_repr()}, {self._approxbp_repr()}"
 
 
-class ConvertedRMSNorm(_ConvertedNorm, MSRMSNorm):
+class ConvertedRMSNorm(ConvertedNorm, MSRMSNorm):
     """The :class:`~lightning_approxbp.nn.MSRMSNorm` that a conversion puts in place of an RMSNorm."""
 
     def forward(self, x: Tensor) -> Tensor:
