@@ -17,7 +17,7 @@ from lightning_approxbp.conversion.activations import (
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses, trace_norm_uses
 from lightning_approxbp.conversion.merged import is_merged, merge_into
-from lightning_approxbp.conversion.norms import NormSpec, ConvertedNorm, build_converted_norm, detect_norm, gamma
+from lightning_approxbp.conversion.norms import ConvertedNorm, NormSpec, build_converted_norm, detect_norm, gamma
 from lightning_approxbp.conversion.probe import (
     ProbeFn,
     ProbeRun,
