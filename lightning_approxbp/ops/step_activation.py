@@ -68,7 +68,8 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """Pack a flat uint8 tensor of codes (each < 2**bits), lowest bits first, zero-padded."""
     per_byte = 8 // bits
-    padded = F.pad(codes, (0, (-codes.numel()) % per_byte))
+    padding = (-codes.numel()) % per_byte
+    padded = F.pad(codes, (0, padding)) if padding else codes
     if not _LITTLE_ENDIAN:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
         return (padded.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
