@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_FUSED_SIZE = 65536
+from lightning_approxbp.ops.ms_norm import MAX_FUSED_ROW
+
 
 
 @triton.jit
@@ -114,9 +115,9 @@ def _ms_norm_bwd_kernel(
 
 def _block_size(n_cols: int) -> tuple[int, int]:
     block_size = triton.next_power_of_2(n_cols)
-    if block_size > MAX_FUSED_SIZE:
+    if block_size > MAX_FUSED_ROW:
         raise ValueError(
-            f"ms_norm: rows of {n_cols} elements exceed the fused kernel's limit of {MAX_FUSED_SIZE}; "
+            f"ms_norm: rows of {n_cols} elements exceed the fused kernel's limit of {MAX_FUSED_ROW}; "
             "use the 'torch' backend for them."
         )
     num_warps = min(max(block_size // 256, 1), 16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -112,3 +114,18 @@ def test_forced_triton_on_cpu_without_interpreter_explains(monkeypatch):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="Unknown backend"), use_backend("cuda"):
         pass
+
+
+def test_rows_too_long_to_fuse_fall_back_under_auto_and_explain_when_forced(monkeypatch):
+    # ``lightning_approxbp.ops.ms_norm`` the attribute is the function; fetch the module itself.
+    ms_norm_module = importlib.import_module("lightning_approxbp.ops.ms_norm")
+    ms_norm_triton = importlib.import_module("lightning_approxbp.ops.ms_norm_triton")
+
+    monkeypatch.setattr(ms_norm_module, "MAX_FUSED_ROW", 16)
+    monkeypatch.setattr(ms_norm_triton, "MAX_FUSED_ROW", 16)
+    x = torch.randn(3, 40, device=TRITON_DEVICE, requires_grad=True)
+    if TRITON_DEVICE == "cuda":
+        assert not ms_norm_module._runs_on_triton(x.detach())  # auto: the PyTorch path takes it
+        AF.ms_layer_norm(x, 40).sum().backward()
+    with use_backend("triton"), pytest.raises(ValueError, match="exceed the fused kernel's limit of 16"):
+        AF.ms_layer_norm(x, 40)
