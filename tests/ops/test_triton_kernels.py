@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -117,9 +115,8 @@ def test_unknown_backend_is_rejected():
 
 
 def test_rows_too_long_to_fuse_fall_back_under_auto_and_explain_when_forced(monkeypatch):
-    # ``lightning_approxbp.ops.ms_norm`` the attribute is the function; fetch the module itself.
-    ms_norm_module = importlib.import_module("lightning_approxbp.ops.ms_norm")
-    ms_norm_triton = importlib.import_module("lightning_approxbp.ops.ms_norm_triton")
+    from lightning_approxbp.ops import ms_norm as ms_norm_module
+    from lightning_approxbp.ops import ms_norm_triton
 
     monkeypatch.setattr(ms_norm_module, "MAX_FUSED_ROW", 16)
     monkeypatch.setattr(ms_norm_triton, "MAX_FUSED_ROW", 16)
