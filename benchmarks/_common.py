@@ -49,10 +49,12 @@ def median_time_ms(fn: Callable[[], object], device: torch.device, repeats: int,
     return statistics.median(samples)
 
 
-def write_results(stem: str, device: torch.device, payload: dict, markdown: str) -> tuple[Path, Path]:
-    """Write ``<stem>_<machine>.json`` and ``.md`` under benchmarks/results/."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    base = RESULTS_DIR / f"{stem}_{machine_slug(device)}"
+def write_results(
+    stem: str, device: torch.device, payload: dict, markdown: str, out_dir: Path = RESULTS_DIR
+) -> tuple[Path, Path]:
+    """Write ``<stem>_<cpu|cuda>.json`` and ``.md`` into ``out_dir`` (default benchmarks/results/)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / f"{stem}_{machine_slug(device)}"
     json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
     md_path.write_text(markdown)

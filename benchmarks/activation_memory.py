@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
@@ -56,7 +55,7 @@ from torch import Tensor, nn
 
 from lightning_approxbp import convert
 
-from _common import RESULTS_DIR, machine_name
+from _common import RESULTS_DIR, machine_name, write_results
 
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "bf16-true")
 VARIANTS: tuple[str, ...] = ("baseline", "activations", "norms", "both", "keep", "checkpoint")
@@ -397,10 +396,8 @@ def main() -> None:
     markdown = render_markdown(rows, targets, machine)
     print(markdown)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         payload = {"machine": machine, "quick": args.quick, "targets": targets, "results": rows}
-        (out / "activation_memory_cpu.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (out / "activation_memory_cpu.md").write_text(markdown)
+        write_results("activation_memory", torch.device("cpu"), payload, markdown, out)
         try:
             plot(rows, out / "activation_memory_cpu.png")
         except ModuleNotFoundError:

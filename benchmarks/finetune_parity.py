@@ -19,7 +19,6 @@ read one-sided: ApproxBP at most 0.5 points worse).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
@@ -32,7 +31,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning_approxbp import ApproxBP
 from lightning_approxbp.recipes.text_classification import BBCNewsDataModule, TextClassifier
 
-from _common import RESULTS_DIR, machine_name
+from _common import RESULTS_DIR, machine_name, write_results
 
 METHODS: tuple[str, ...] = ("exact", "approxbp")
 TARGET_POINTS = 0.5
@@ -135,11 +134,9 @@ def main() -> None:
     markdown = render_markdown(rows, summary, machine, args.quick)
     print(markdown)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         payload = {"machine": machine, "quick": args.quick, "hparams": HPARAMS, "target_points": TARGET_POINTS,
                    "summary": summary, "results": rows}
-        (out / "finetune_parity_cpu.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (out / "finetune_parity_cpu.md").write_text(markdown)
+        write_results("finetune_parity", torch.device("cpu"), payload, markdown, out)
         print(f"wrote {out}/finetune_parity_cpu.*")
 
 

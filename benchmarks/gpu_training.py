@@ -37,7 +37,6 @@ import argparse
 import copy
 import gc
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ from torch.utils.data import DataLoader
 from lightning_approxbp import ApproxBP
 from lightning_approxbp.plugins.precision import ApproxBPPrecision
 
-from _common import RESULTS_DIR, machine_name, machine_slug
+from _common import RESULTS_DIR, machine_name, write_results
 from activation_memory import enable_checkpointing
 
 PRECISION = "bf16-mixed"
@@ -322,13 +321,10 @@ def main() -> None:
     markdown = render_markdown(rows, goal, machine, args.smoke)
     print(markdown)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         payload = {"machine": machine, "smoke": args.smoke, "precision": PRECISION, "liger_installed": LIGER_AVAILABLE,
                    "target": goal, "results": rows}
-        stem = f"gpu_training_{machine_slug(device)}"
-        (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (out / f"{stem}.md").write_text(markdown)
-        print(f"wrote {out}/{stem}.*")
+        json_path, md_path = write_results("gpu_training", device, payload, markdown, out)
+        print(f"wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":

