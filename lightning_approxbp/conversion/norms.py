@@ -148,8 +148,9 @@ class ConvertedNorm:
     def _output_dtype(self, x: Tensor) -> torch.dtype | None:
         return None if self.output == "autocast" else x.dtype
 
-    def _approxbp_repr(self) -> str:
-        return f"approxbp: affine={self.strategy}, output={self.output}"
+    def extra_repr(self) -> str:
+        # Cooperative: the norm class after this mixin in the MRO supplies the shape and eps.
+        return f"{super().extra_repr()}, approxbp: affine={self.strategy}, output={self.output}"  # type: ignore[misc]
 
 
 class ConvertedLayerNorm(ConvertedNorm, MSLayerNorm):
@@ -162,9 +163,6 @@ class ConvertedLayerNorm(ConvertedNorm, MSLayerNorm):
             output_dtype=self._output_dtype(x), weight_clamp=self.weight_clamp,
         )
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._approxbp_repr()}"
-
 
 class ConvertedRMSNorm(ConvertedNorm, MSRMSNorm):
     """The :class:`~lightning_approxbp.nn.MSRMSNorm` that a conversion puts in place of an RMSNorm."""
@@ -175,9 +173,6 @@ class ConvertedRMSNorm(ConvertedNorm, MSRMSNorm):
             x, self.normalized_shape, weight, self.eps,
             offset=self.offset, output_dtype=self._output_dtype(x), weight_clamp=self.weight_clamp,
         )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._approxbp_repr()}"
 
 
 def build_converted_norm(original: nn.Module, spec: NormSpec, strategy: str, output: str) -> nn.Module:
