@@ -10,7 +10,7 @@ anyway) and one ``rstd`` per row, and compute the input gradient from them:
 with ``x_hat`` the normalised value and ``dy_hat = dy * gamma``. Without affine parameters
 ``x_hat = y`` and the formula is exact. With them, ``x_hat = (y - beta) / gamma`` is recovered
 from the output, ``gamma`` clamped away from zero with its sign kept; that recovery loses
-precision where ``|gamma|`` is small or ``beta`` dominates ``y`` (see docs/ms_norm.md).
+precision where ``|gamma|`` is small or ``beta`` dominates ``y`` (see docs/ops.md).
 
 Statistics and the affine transform are computed in fp32 (fp64 for fp64 inputs) and the
 output is rounded once to the requested dtype.
@@ -27,25 +27,15 @@ from lightning_approxbp.ops._utils import (
     guard_double_backward,
     requires_grad,
     resolve_backend,
-    selected_backend,
 )
 
 OP_NAME = "ms_norm"
 DEFAULT_WEIGHT_CLAMP = 1e-4
-# The Triton kernels hold a whole row in registers; longer rows take the PyTorch path.
-MAX_FUSED_ROW = 65536
 
 
 def clamp_away_from_zero(weight: Tensor, minimum: float) -> Tensor:
     """``sign(w) * max(|w|, minimum)`` with ``sign(0) = +1``: a divisor that is never zero."""
     return torch.where(weight >= 0, weight.clamp(min=minimum), weight.clamp(max=-minimum))
-
-
-def _runs_on_triton(rows: Tensor) -> bool:
-    """The backend for a 2-D ``rows`` tensor; under ``"auto"``, rows too long to fuse use PyTorch."""
-    if resolve_backend(rows, OP_NAME) != "triton":
-        return False
-    return rows.shape[-1] <= MAX_FUSED_ROW or selected_backend() == "triton"
 
 
 def _empty_like_optional(reference: Tensor | None, device: torch.device) -> Tensor:
@@ -137,7 +127,7 @@ def ms_norm_forward(
     if x.numel() == 0:
         rstd = torch.empty(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
         return torch.empty(x.shape, dtype=out_dtype, device=x.device), rstd
-    if _runs_on_triton(x):
+    if resolve_backend(x, OP_NAME) == "triton":
         from lightning_approxbp.ops import ms_norm_triton
 
         return ms_norm_triton.forward(x, weight, bias, eps, centered, offset, out_dtype)
@@ -168,7 +158,7 @@ def ms_norm_backward(
         grad_weight = torch.zeros_like(weight) if weight is not None else torch.empty(0, device=y.device)
         grad_bias = torch.zeros_like(bias) if bias is not None else torch.empty(0, device=y.device)
         return torch.empty(y.shape, dtype=input_dtype, device=y.device), grad_weight, grad_bias
-    if _runs_on_triton(grad_output):
+    if resolve_backend(grad_output, OP_NAME) == "triton":
         from lightning_approxbp.ops import ms_norm_triton
 
         return ms_norm_triton.backward(grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype)

@@ -13,12 +13,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lightning_approxbp.ops.kernel_launch import KernelLaunch
 from lightning_approxbp.ops.step_activation import packed_size, table_tensor
 
 _ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
-_SQRT_HALF = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
-BLOCK_BYTES = 1024
+# Globals read inside a kernel must be constexpr: the compiler refuses plain Python floats
+# (the interpreter accepts them, so only the ahead-of-time compile check catches this).
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+# Elements per program, whatever the code width: 8 per thread at 8 warps, which keeps the
+# forward's fp32 input, output and codes in registers without spilling.
+ELEMENTS_PER_PROGRAM = 2048
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -99,42 +105,73 @@ def _step_activation_bwd_kernel(
     tl.store(DX_ptr + offsets, (dy * level).to(DX_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(n_bytes: int) -> tuple[int]:
-    return (triton.cdiv(n_bytes, BLOCK_BYTES),)
+def _block_bytes(bits: int) -> int:
+    return ELEMENTS_PER_PROGRAM * bits // 8
+
+
+def plan_forward(
+    x: Tensor, thresholds: list[float], activation: str, bits: int
+) -> tuple[KernelLaunch, Tensor, Tensor]:
+    """The forward launch for a contiguous, non-empty ``x``, and its (output, codes) buffers."""
+    n_bytes = packed_size(x.numel(), bits)
+    block_bytes = _block_bytes(bits)
+    y = torch.empty_like(x)
+    codes = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
+    launch = KernelLaunch(
+        kernel=_step_activation_fwd_kernel,
+        grid=(triton.cdiv(n_bytes, block_bytes),),
+        args={
+            "X_ptr": x,
+            "Y_ptr": y,
+            "CODES_ptr": codes,
+            "THRESHOLDS_ptr": table_tensor(tuple(thresholds), x.device, torch.float32),
+            "n_elements": x.numel(),
+            "n_bytes": n_bytes,
+        },
+        constexprs={
+            "ACTIVATION": _ACTIVATION_IDS[activation],
+            "BITS": bits,
+            "N_THRESHOLDS": len(thresholds),
+            "BLOCK_BYTES": block_bytes,
+        },
+        num_warps=NUM_WARPS,
+    )
+    return launch, y, codes
+
+
+def plan_backward(
+    grad_output: Tensor, packed: Tensor, levels: list[float], bits: int
+) -> tuple[KernelLaunch, Tensor]:
+    """The backward launch for a contiguous, non-empty ``grad_output``, and its result buffer."""
+    grad_input = torch.empty_like(grad_output)
+    n_bytes = packed.numel()
+    block_bytes = _block_bytes(bits)
+    launch = KernelLaunch(
+        kernel=_step_activation_bwd_kernel,
+        grid=(triton.cdiv(n_bytes, block_bytes),),
+        args={
+            "DY_ptr": grad_output,
+            "CODES_ptr": packed,
+            "LEVELS_ptr": table_tensor(tuple(levels), grad_output.device, torch.float32),
+            "DX_ptr": grad_input,
+            "n_elements": grad_output.numel(),
+            "n_bytes": n_bytes,
+        },
+        constexprs={"BITS": bits, "BLOCK_BYTES": block_bytes},
+        num_warps=NUM_WARPS,
+    )
+    return launch, grad_input
 
 
 def forward(x: Tensor, thresholds: list[float], activation: str, bits: int) -> tuple[Tensor, Tensor]:
-    """Launch the forward kernel on a contiguous, non-empty ``x``."""
-    n_bytes = packed_size(x.numel(), bits)
-    y = torch.empty_like(x)
-    codes = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
-    _step_activation_fwd_kernel[_grid(n_bytes)](
-        x,
-        y,
-        codes,
-        table_tensor(tuple(thresholds), x.device, torch.float32),
-        x.numel(),
-        n_bytes,
-        ACTIVATION=_ACTIVATION_IDS[activation],
-        BITS=bits,
-        N_THRESHOLDS=len(thresholds),
-        BLOCK_BYTES=BLOCK_BYTES,
-    )
+    """Run the forward kernel on a contiguous, non-empty ``x``; returns (output, packed codes)."""
+    launch, y, codes = plan_forward(x, thresholds, activation, bits)
+    launch.run()
     return y, codes
 
 
 def backward(grad_output: Tensor, packed: Tensor, levels: list[float], bits: int) -> Tensor:
-    """Launch the backward kernel on a contiguous, non-empty ``grad_output``."""
-    grad_input = torch.empty_like(grad_output)
-    n_bytes = packed.numel()
-    _step_activation_bwd_kernel[_grid(n_bytes)](
-        grad_output,
-        packed,
-        table_tensor(tuple(levels), grad_output.device, torch.float32),
-        grad_input,
-        grad_output.numel(),
-        n_bytes,
-        BITS=bits,
-        BLOCK_BYTES=BLOCK_BYTES,
-    )
+    """Run the backward kernel on a contiguous, non-empty ``grad_output``."""
+    launch, grad_input = plan_backward(grad_output, packed, levels, bits)
+    launch.run()
     return grad_input

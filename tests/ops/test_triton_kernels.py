@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lightning_approxbp import functional as AF
-from lightning_approxbp.ops import use_backend
-from lightning_approxbp.ops.reference import ACTIVATIONS
+from lightning_approxbp.ops import ms_norm_triton, use_backend
 from lightning_approxbp.ops.ms_norm import ms_norm_backward, ms_norm_forward
+from lightning_approxbp.ops.reference import ACTIVATIONS
 from lightning_approxbp.ops.step_activation import step_activation_forward
 from lightning_approxbp.tables import SUPPORTED_BITS, get_table
 
@@ -57,11 +57,28 @@ def test_step_activation_outputs_and_gradients_agree(activation, dtype):
     torch.testing.assert_close(dx_triton, dx_torch, **tolerance)
 
 
+@pytest.fixture(params=["fused", "looped"])
+def row_kernel(request, monkeypatch) -> str:
+    """Run the norm kernels fused (row in registers) or looped (row walked in 64-wide chunks)."""
+    if request.param == "looped":
+        monkeypatch.setattr(ms_norm_triton, "FUSED_MAX_BLOCK", 16)
+        monkeypatch.setattr(ms_norm_triton, "MIN_BLOCK", 16)
+        monkeypatch.setattr(ms_norm_triton, "LOOPED_BLOCK", 64)
+    return request.param
+
+
+def test_row_config_switches_to_the_looped_kernel_past_the_fused_width():
+    fused = ms_norm_triton.row_config(ms_norm_triton.FUSED_MAX_BLOCK)
+    looped = ms_norm_triton.row_config(ms_norm_triton.FUSED_MAX_BLOCK + 1)
+    assert not fused.looped and fused.block_size == ms_norm_triton.FUSED_MAX_BLOCK
+    assert looped.looped and looped.block_size == ms_norm_triton.LOOPED_BLOCK
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("n_rows, n_cols", [(1, 37), (13, 100), (6, 256)])
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm", "rms_norm_offset"])
 @pytest.mark.parametrize("affine", [False, True])
-def test_ms_norm_kernels_agree(dtype, n_rows, n_cols, kind, affine):
+def test_ms_norm_kernels_agree(dtype, n_rows, n_cols, kind, affine, row_kernel):
     """Forward outputs, then backward from the SAME saved tensors (so that one-unit output
     differences from the interpreter's rounding are not amplified by cancellation)."""
     device = TRITON_DEVICE
@@ -114,15 +131,38 @@ def test_unknown_backend_is_rejected():
         pass
 
 
-def test_rows_too_long_to_fuse_fall_back_under_auto_and_explain_when_forced(monkeypatch):
-    from lightning_approxbp.ops import ms_norm as ms_norm_module
-    from lightning_approxbp.ops import ms_norm_triton
+@pytest.mark.parametrize(
+    "in_dtype, out_dtype",
+    [(torch.bfloat16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.float32)],
+)
+def test_ms_norm_dtype_pairs_the_kernels_do_not_take_directly_go_through_fp32(in_dtype, out_dtype, row_kernel):
+    x = (torch.randn(5, 100, device=TRITON_DEVICE) * 2 + 1).to(in_dtype)
+    weight = torch.rand(100, device=TRITON_DEVICE) + 0.5
+    bias = torch.randn(100, device=TRITON_DEVICE) * 0.1
+    grad = torch.randn(5, 100, device=TRITON_DEVICE).to(out_dtype)
+    forward, backward = {}, {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            forward[backend] = ms_norm_forward(x, weight, bias, 1e-5, True, 0.0, out_dtype)
+    y, rstd = forward["torch"]
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            backward[backend] = ms_norm_backward(grad, y, rstd, weight, bias, True, 0.0, 1e-4, in_dtype)
+    assert forward["triton"][0].dtype == out_dtype and backward["triton"][0].dtype == in_dtype
+    torch.testing.assert_close(forward["triton"][0], y, **interpreter_rounding_tolerance(out_dtype))
+    for ours, theirs in zip(backward["triton"], backward["torch"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
-    monkeypatch.setattr(ms_norm_module, "MAX_FUSED_ROW", 16)
-    monkeypatch.setattr(ms_norm_triton, "MAX_FUSED_ROW", 16)
-    x = torch.randn(3, 40, device=TRITON_DEVICE, requires_grad=True)
-    if TRITON_DEVICE == "cuda":
-        assert not ms_norm_module._runs_on_triton(x.detach())  # auto: the PyTorch path takes it
-        AF.ms_layer_norm(x, 40).sum().backward()
-    with use_backend("triton"), pytest.raises(ValueError, match="exceed the fused kernel's limit of 16"):
-        AF.ms_layer_norm(x, 40)
+
+def test_ms_norm_bias_without_weight_matches_the_torch_path(row_kernel):
+    x = torch.randn(7, 100, device=TRITON_DEVICE, requires_grad=True)
+    bias = torch.randn(100, device=TRITON_DEVICE, requires_grad=True)
+    grad = torch.randn(7, 100, device=TRITON_DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        inputs = (x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_())
+        with use_backend(backend):
+            y = AF.ms_layer_norm(inputs[0], 100, None, inputs[1])
+            results[backend] = (y, *torch.autograd.grad(y, inputs, grad))
+    for ours, theirs in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

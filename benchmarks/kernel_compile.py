@@ -1,0 +1,121 @@
+"""Registers, spills and shared memory of every Triton kernel specialisation, for sm_80 and sm_90.
+
+Compiles every launch the ops can make ahead of time (``lightning_approxbp.ops.aot_compile``; no
+GPU needed, Triton bundles ptxas) and writes:
+
+- ``benchmarks/results/kernel_compile.json``: one record per specialisation and architecture;
+- ``benchmarks/results/kernel_compile.md``: the same, as a table;
+- the summary table in ``docs/ops.md`` (between the kernel-table markers): one row per kernel,
+  architecture and block configuration, with the range over dtypes and flags.
+
+    python benchmarks/kernel_compile.py                    # compile, write all three
+    python benchmarks/kernel_compile.py --from-json FILE   # re-render from a saved run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "ops.md"
+BEGIN, END = "<!-- kernel table: begin -->", "<!-- kernel table: end -->"
+_BLOCK = re.compile(r"BLOCK_(?:SIZE|BYTES)=\d+")
+
+
+def _range(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def summary_table(payload: dict) -> str:
+    """One row per (kernel, arch, block, warps): counts and ranges over dtypes and flags."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for record in payload["results"]:
+        block = _BLOCK.search(record["config"]).group(0)
+        groups[(record["kernel"], record["arch"], int(block.split("=")[1]), block.split("=")[0], record["num_warps"])].append(record)
+    lines = [
+        f"Compiled with Triton {payload['triton']} (bundled ptxas), {payload['machine']}: "
+        f"{len(payload['results'])} specialisations, {payload['seconds']:.0f} s.",
+        "",
+        "| kernel | arch | block | warps | specialisations | data dtypes | registers | spill stores (bytes) | shared memory (bytes) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kernel, arch, block, block_name, warps), records in sorted(groups.items()):
+        dtypes = sorted({r["dtypes"] for r in records})
+        pairs = sorted({" ".join(part.split("=")[1] for part in d.split()) for d in dtypes})
+        lines.append(
+            f"| `{kernel}` | sm_{arch} | {block_name.lower()} {block} | {warps} | {len(records)} | {', '.join(pairs)} | "
+            f"{_range([r['registers'] for r in records])} | {max(r['spill_stores'] for r in records)} | "
+            f"{_range([r['shared_bytes'] for r in records])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def full_table(payload: dict) -> str:
+    lines = [
+        "# Every kernel specialisation, compiled ahead of time",
+        "",
+        f"Triton {payload['triton']}, {payload['machine']}. Regenerate: `python benchmarks/kernel_compile.py`.",
+        "",
+        "| kernel | arch | dtypes | compile-time switches | warps | registers | spill stores | spill loads | shared |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["results"]:
+        lines.append(
+            f"| `{r['kernel']}` | sm_{r['arch']} | {r['dtypes']} | {r['config']} | {r['num_warps']} | {r['registers']} | "
+            f"{r['spill_stores']} | {r['spill_loads']} | {r['shared_bytes']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def with_summary(document: str, table: str) -> str:
+    """``document`` with the text between the kernel-table markers replaced by ``table``."""
+    head, rest = document.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{table}{END}{tail}"
+
+
+def compile_payload(arches: tuple[int, ...]) -> dict:
+    os.environ.pop("TRITON_INTERPRET", None)
+    import time
+    from dataclasses import asdict
+
+    import triton
+
+    from lightning_approxbp.ops.aot_compile import compile_all, failures
+
+    start = time.perf_counter()
+    results = compile_all(arches)
+    problems = failures(results, max_spill_bytes=0)
+    if problems:
+        sys.exit("kernels failed the compile check:\n" + "\n".join(problems))
+    return {
+        "triton": triton.__version__,
+        "machine": f"CPU only ({platform.machine()}, {os.cpu_count()} cores), no GPU",
+        "seconds": time.perf_counter() - start,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from-json", type=Path, default=None, help="render a saved kernel_compile.json instead of compiling")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
+    args = parser.parse_args()
+    payload = json.loads(args.from_json.read_text()) if args.from_json else compile_payload((80, 90))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernel_compile.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (args.out / "kernel_compile.md").write_text(full_table(payload))
+    DOCS.write_text(with_summary(DOCS.read_text(), summary_table(payload)))
+    print(f"wrote {args.out / 'kernel_compile.json'}, {args.out / 'kernel_compile.md'} and the table in {DOCS}")
+
+
+if __name__ == "__main__":
+    main()
