@@ -45,17 +45,16 @@ import copy
 import gc
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import RESULTS_DIR, machine_name, write_results
 from torch import Tensor, nn
 
 from lightning_approxbp import convert
-
-from _common import RESULTS_DIR, machine_name, write_results
 
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "bf16-true")
 VARIANTS: tuple[str, ...] = ("baseline", "activations", "norms", "both", "keep", "checkpoint")

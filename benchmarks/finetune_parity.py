@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import RESULTS_DIR, machine_name, write_results
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_approxbp import ApproxBP
-from lightning_approxbp.recipes.text_classification import BBCNewsDataModule, TextClassifier
-
-from _common import RESULTS_DIR, machine_name, write_results
+from lightning_approxbp.recipes.text_classification import (
+    BBCNewsDataModule,
+    TextClassifier,
+)
 
 METHODS: tuple[str, ...] = ("exact", "approxbp")
 TARGET_POINTS = 0.5

@@ -46,15 +46,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import RESULTS_DIR, machine_name, write_results
+from activation_memory import enable_checkpointing
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_approxbp import ApproxBP
 from lightning_approxbp.plugins.precision import ApproxBPPrecision
-
-from _common import RESULTS_DIR, machine_name, write_results
-from activation_memory import enable_checkpointing
 
 PRECISION = "bf16-mixed"
 TARGET_MEMORY_REDUCTION = 0.25  # ViT-B full fine-tuning, approxbp vs baseline

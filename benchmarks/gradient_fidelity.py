@@ -17,11 +17,10 @@ import argparse
 import random
 
 import torch
+from _common import machine_name, write_results
 
 from lightning_approxbp.nn import StepActivation
 from lightning_approxbp.tables import get_table
-
-from _common import machine_name, write_results
 
 TABLES = [("paper", 2), ("fitted", 1), ("fitted", 2), ("fitted", 4)]
 

@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from _common import machine_name, median_time_ms, write_results
 
 from lightning_approxbp import functional as AF
 from lightning_approxbp.saved_tensors import SavedTensorCounter
-
-from _common import machine_name, median_time_ms, write_results
 
 
 @dataclass

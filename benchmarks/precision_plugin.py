@@ -22,12 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from _common import RESULTS_DIR, machine_name, write_results
+from lightning.pytorch import (
+    Callback,
+    LightningDataModule,
+    LightningModule,
+    Trainer,
+    seed_everything,
+)
 
 from lightning_approxbp import ApproxBPPrecision, PeakMemoryMonitor
-from lightning_approxbp.recipes import BBCNewsDataModule, BBCNewsLMDataModule, LoRACausalLM, TextClassifier
-
-from _common import RESULTS_DIR, machine_name, write_results
+from lightning_approxbp.recipes import (
+    BBCNewsDataModule,
+    BBCNewsLMDataModule,
+    LoRACausalLM,
+    TextClassifier,
+)
 
 SAVED = "peak_memory/saved_activation_bytes"
 

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import RESULTS_DIR, machine_name, write_results
+from activation_memory import enable_checkpointing
 from torch import Tensor, nn
 
 from lightning_approxbp import convert
-
-from _common import RESULTS_DIR, machine_name, write_results
-from activation_memory import enable_checkpointing
 
 VARIANTS: tuple[str, ...] = ("baseline", "approxbp", "checkpoint")
 TARGET = 1.10  # approxbp step time / baseline step time

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +41,6 @@ SHORT_NAME_MODULES: tuple[str, ...] = (
     "lightning_approxbp.callbacks.approxbp",
     "lightning_approxbp.callbacks.peak_memory",
     "lightning_approxbp.plugins",
-    "lightning_approxbp.recipes",
 )
 CONFIG_FLAGS: tuple[str, ...] = ("-c", "--config")
 SOURCE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -66,7 +66,7 @@ def main(args: Sequence[str] | None = None) -> Any:
 
 def cli(args: Sequence[str], run: bool = True) -> LightningCLI:
     """Build (and by default run) the LightningCLI for ``args``."""
-    for module in SHORT_NAME_MODULES:
+    for module in (*SHORT_NAME_MODULES, *recipe_modules_named_in(args)):
         importlib.import_module(module)
     saved = sys.argv
     sys.argv = saved[:1]  # the arguments come from `args`; LightningCLI warns when sys.argv has others too
@@ -80,6 +80,27 @@ def cli(args: Sequence[str], run: bool = True) -> LightningCLI:
         )
     finally:
         sys.argv = saved
+
+
+def recipe_modules_named_in(args: Sequence[str]) -> list[str]:
+    """The recipe modules whose classes the arguments or their config files name.
+
+    Only those are imported (so that their short names resolve); the others are not loaded.
+
+    Example::
+
+        >>> recipe_modules_named_in(["fit", "--model=TextClassifier"])
+        ['lightning_approxbp.recipes.text_classification']
+    """
+    from lightning_approxbp.recipes import RECIPES
+
+    texts = list(args)
+    for arg in args:
+        path = Path(arg.partition("=")[2] if arg.startswith(CONFIG_FLAGS) and "=" in arg else arg)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            texts.append(path.read_text())
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(texts)))
+    return sorted({f"lightning_approxbp.recipes.{module}" for name, module in RECIPES.items() if name in words})
 
 
 def sdk_entry_point() -> importlib.metadata.EntryPoint | None:

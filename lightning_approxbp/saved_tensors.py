@@ -33,13 +33,11 @@ class SavedTensorStats:
         activation_bytes: bytes of unique storages saved, parameters excluded.
         parameter_bytes: bytes of parameter storages referenced (not copies).
         bytes_by_dtype: ``activation_bytes`` split by dtype name.
-        storages: number of unique non-parameter storages.
     """
 
     activation_bytes: int = 0
     parameter_bytes: int = 0
     bytes_by_dtype: dict[str, int] = field(default_factory=dict)
-    storages: int = 0
 
 
 class SavedTensorCounter:
@@ -64,7 +62,6 @@ class SavedTensorCounter:
                 self.stats.parameter_bytes += nbytes
             else:
                 self.stats.activation_bytes += nbytes
-                self.stats.storages += 1
                 dtype = str(tensor.dtype).removeprefix("torch.")
                 self.stats.bytes_by_dtype[dtype] = self.stats.bytes_by_dtype.get(dtype, 0) + nbytes
         return tensor

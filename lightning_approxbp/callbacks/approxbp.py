@@ -68,6 +68,8 @@ class ApproxBP(Callback):
         example_input: a forward input used as the probe batch.
         min_keep_weight: smallest ``|weight|`` for which a norm keeps its affine.
         tolerance: relative output error accepted by ``verify`` (default per dtype).
+        config: all of the conversion options above as one
+            :class:`~lightning_approxbp.conversion.ConversionConfig`, instead of the arguments.
 
     Raises:
         ValueError: at construction, for unknown or conflicting options.
@@ -96,8 +98,21 @@ class ApproxBP(Callback):
         example_input: Any = None,
         min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT,
         tolerance: float | None = None,
+        config: ConversionConfig | None = None,
     ) -> None:
-        self._config = ConversionConfig(activations, norms, bits, table, affine, verify, min_keep_weight, tolerance)
+        options = {
+            "activations": activations,
+            "norms": norms,
+            "bits": bits,
+            "table": table,
+            "affine": affine,
+            "verify": verify,
+            "min_keep_weight": min_keep_weight,
+            "tolerance": tolerance,
+        }
+        defaults = ConversionConfig()
+        changed = {name: value for name, value in options.items() if value != getattr(defaults, name)}
+        self.config = ConversionConfig.build(config, **changed) if config is not None else ConversionConfig(**options)
         self._filter = filter
         self._example_input = example_input
         self.report: ConversionReport | None = None
@@ -125,32 +140,17 @@ class ApproxBP(Callback):
 
     def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probe, label = self._probe(trainer, pl_module)
-        options = self._options()
         try:
-            report = convert(pl_module, probe=probe, probe_label=label, **options)
+            report = convert(pl_module, probe=probe, probe_label=label, config=self.config, filter=self._filter)
         except ProbeUnavailable as error:
             rank_zero_warn(
                 f"ApproxBP: training_step could not run on the probe batch at setup ({error.__cause__!r}); "
                 "converting without a probe. Set `example_input_array` for the full conversion."
             )
-            report = convert(pl_module, **options)
+            report = convert(pl_module, config=self.config, filter=self._filter)
         self.report = report
         self._converted = weakref.ref(pl_module)
         rank_zero_info(str(report))
-
-    def _options(self) -> dict[str, Any]:
-        config = self._config
-        return {
-            "activations": config.activations,
-            "norms": config.norms,
-            "bits": config.bits,
-            "table": config.table,
-            "affine": config.affine,
-            "verify": config.verify,
-            "filter": self._filter,
-            "min_keep_weight": config.min_keep_weight,
-            "tolerance": config.tolerance,
-        }
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[ProbeFn | None, str | None]:
         if self._example_input is not None:

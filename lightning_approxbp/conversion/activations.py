@@ -24,8 +24,7 @@ from functools import cache
 import torch
 from torch import Tensor, nn
 
-from lightning_approxbp.ops.reference import ACTIVATIONS
-from lightning_approxbp.ops.step_activation import exact_activation
+from lightning_approxbp.activations import ACTIVATIONS, get_activation
 
 # Modules of these packages are reported when left alone, so that the report names them.
 ACTIVATION_MODULE_PACKAGES: tuple[str, ...] = ("torch.nn.modules.activation", "transformers.activations")
@@ -50,7 +49,7 @@ def identify_activation(candidate: Callable[[Tensor], Tensor]) -> str | None:
     if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
         return None
     for name in ACTIVATIONS:
-        if torch.allclose(out, exact_activation(x, name), rtol=_RTOL, atol=_ATOL):
+        if torch.allclose(out, get_activation(name).torch_forward(x), rtol=_RTOL, atol=_ATOL):
             return name
     return None
 

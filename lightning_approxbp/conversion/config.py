@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
-from lightning_approxbp.tables import SUPPORTED_BITS, TABLE_KINDS, StepTable
+from lightning_approxbp.tables import SUPPORTED_BITS, TABLE_KINDS, StepTable, has_table
 
 AFFINE_STRATEGIES: tuple[str, ...] = ("auto", "merge", "keep")
 DEFAULT_MIN_KEEP_WEIGHT = 1e-2
@@ -69,10 +70,32 @@ class ConversionConfig:
         if self.tolerance is not None and not self.verify:
             raise ValueError("tolerance only applies with verify=True; drop tolerance or set verify=True.")
 
+    @classmethod
+    def build(cls, config: ConversionConfig | None = None, **options: Any) -> ConversionConfig:
+        """``config`` as given, or one built from ``options`` (the fields as keywords); not both.
+
+        Raises:
+            ValueError: for both at once, or an option that is not a field.
+        """
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(f"Unknown conversion option(s) {', '.join(unknown)}; the options are {', '.join(names)}.")
+        if config is None:
+            return cls(**options)
+        if options:
+            raise ValueError(
+                f"Pass either config=ConversionConfig(...) or the options ({', '.join(sorted(options))}), not both; "
+                "use dataclasses.replace(config, ...) to change a config."
+            )
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be a ConversionConfig, got {type(config).__name__}.")
+        return config
+
     def table_for(self, activation: str) -> StepTable | str | None:
         """The table to use for ``activation``, or ``None`` when ``table`` cannot serve it."""
         if isinstance(self.table, StepTable):
             return self.table if self.table.activation == activation else None
-        if self.table == "paper" and activation not in ("gelu", "silu"):
+        if not has_table(activation, self.bits, self.table):
             return None
         return self.table

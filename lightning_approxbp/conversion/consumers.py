@@ -75,9 +75,9 @@ class NormUses:
         return sorted({use.describe() for use in self.uses if use.consumer is None})
 
 
-def _feature_aligned(tensor: Tensor, features: int) -> bool:
+def _feature_aligned(tensor: Tensor, features: int | None) -> bool:
     """Element ``j`` of the last axis is feature ``j`` of the norm (so the affine commutes)."""
-    if tensor.dim() == 0 or tensor.shape[-1] != features or tensor.stride(-1) != 1:
+    if features is None or tensor.dim() == 0 or tensor.shape[-1] != features or tensor.stride(-1) != 1:
         return False
     return tensor.storage_offset() % features == 0 and all(
         s % features == 0 for size, s in zip(tensor.shape[:-1], tensor.stride()[:-1]) if size > 1
@@ -97,7 +97,7 @@ def _storage(tensor: Tensor) -> int:
 
 
 class _Tracer(TorchFunctionMode):
-    def __init__(self, norms: dict[nn.Module, int], fqns: dict[nn.Module, str]) -> None:
+    def __init__(self, norms: dict[nn.Module, int | None], fqns: dict[nn.Module, str]) -> None:
         super().__init__()
         self.norms = norms
         self.fqns = fqns
@@ -172,12 +172,13 @@ class _Tracer(TorchFunctionMode):
 
 
 @contextmanager
-def trace_norm_uses(root: nn.Module, norms: dict[nn.Module, int]) -> Iterator[_Tracer]:
+def trace_norm_uses(root: nn.Module, norms: dict[nn.Module, int | None]) -> Iterator[_Tracer]:
     """Context manager: run the probe inside, then call ``tracer.finish(output)``.
 
     Args:
         root: the model (hooks go on all its modules).
-        norms: each norm module to follow, mapped to its number of features.
+        norms: each norm module to follow, mapped to its number of features (``None`` when it
+            normalises several axes: its affine cannot move into a linear layer).
     """
     fqns = {module: name for name, module in root.named_modules()}
     tracer = _Tracer(norms, fqns)

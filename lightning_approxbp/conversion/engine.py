@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning.fabric.utilities.rank_zero import rank_zero_warn
+import torch
 from torch import nn
 
+from lightning_approxbp.activations import ACTIVATIONS
 from lightning_approxbp.conversion.activations import (
     function_attributes,
     identify_activation,
@@ -15,9 +17,15 @@ from lightning_approxbp.conversion.activations import (
     looks_like_activation,
 )
 from lightning_approxbp.conversion.config import ConversionConfig
-from lightning_approxbp.conversion.consumers import NormUses, trace_norm_uses
+from lightning_approxbp.conversion.consumers import NormUses
 from lightning_approxbp.conversion.merged import is_merged, merge_into
-from lightning_approxbp.conversion.norms import ConvertedNorm, NormSpec, build_converted_norm, detect_norm, gamma
+from lightning_approxbp.conversion.norms import (
+    ConvertedNorm,
+    NormSpec,
+    build_converted_norm,
+    detect_norm,
+    gamma,
+)
 from lightning_approxbp.conversion.probe import (
     ProbeFn,
     ProbeRun,
@@ -29,7 +37,6 @@ from lightning_approxbp.conversion.probe import (
 from lightning_approxbp.conversion.report import ConversionReport
 from lightning_approxbp.conversion.walker import ModuleFilter, Site, SwapLog, sites
 from lightning_approxbp.nn import StepActivation
-from lightning_approxbp.ops.reference import ACTIVATIONS
 
 _NO_PROBE_NOTE = (
     "no probe batch: the uses of norm outputs were not traced, so no affine was merged (norms with safe "
@@ -48,18 +55,26 @@ class _NormCandidate:
 @dataclass
 class _Decision:
     strategy: str | None  # None: skip
-    output: str = "input"
+    dtype_policy: str = "input"
     consumers: list[nn.Module] = field(default_factory=list)
     reason: str = ""
+
+
+def _warn_once_per_job(message: str) -> None:
+    """Warn on the first process only, so that a multi-process job says it once."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _is_converted(module: nn.Module) -> bool:
     return isinstance(module, (StepActivation, ConvertedNorm)) or is_merged(module)
 
 
-def _features(spec: NormSpec) -> int:
-    # Merging needs the affine over the last axis only, which a linear layer reads.
-    return spec.normalized_shape[0] if len(spec.normalized_shape) == 1 else -1
+def _features(spec: NormSpec) -> int | None:
+    """The norm's feature count when it normalises the last axis only (what a linear layer
+    reads, so its affine can move there); ``None`` for several axes."""
+    return spec.normalized_shape[0] if len(spec.normalized_shape) == 1 else None
 
 
 def _min_abs_gamma(norm: nn.Module, offset: float) -> float | None:
@@ -72,11 +87,11 @@ def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
     spec, uses = candidate.spec, candidate.uses
     traced = uses is not None and uses.called
     linear_only = traced and uses.all_linear
-    output = "autocast" if linear_only else "input"
+    dtype_policy = "autocast" if linear_only else "input"
     if not (spec.has_weight or spec.has_bias):
-        return _Decision("plain", output, reason="no affine parameters: exact")
+        return _Decision("plain", dtype_policy, reason="no affine parameters: exact")
     blockers = "" if not traced else ", ".join(uses.blockers()[:4])
-    if traced and uses.all_mergeable and _features(spec) > 0:
+    if traced and uses.all_mergeable and _features(spec) is not None:
         merge_reason = f"affine applied in {len(uses.consumers)} consumer(s): exact"
         merge = _Decision("merge", "autocast", uses.consumers, merge_reason)
     elif not traced:
@@ -92,9 +107,9 @@ def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
     keep_reason = "affine kept (forced)" if config.affine == "keep" else f"{merge.reason}; affine kept"
     if smallest is not None:
         keep_reason += f", min |weight| = {smallest:.2g}"
-    if output == "input":
+    if dtype_policy == "input":
         keep_reason += "; emits its input dtype under autocast (output feeds more than linear layers)"
-    return _Decision("keep", output, reason=keep_reason)
+    return _Decision("keep", dtype_policy, reason=keep_reason)
 
 
 class _Conversion:
@@ -160,9 +175,9 @@ class _Conversion:
     # ----------------------------------------------------------------------- probe + decide
     def trace(self, probe: ProbeFn) -> ProbeRun:
         norms = {c.site.module: _features(c.spec) for c in self.norms}
-        run = run_probe(self.root, probe, lambda: trace_norm_uses(self.root, norms))
+        run = run_probe(self.root, probe, trace_norms=norms)
         for candidate in self.norms:
-            candidate.uses = run.extra[candidate.site.module]
+            candidate.uses = run.norm_uses[candidate.site.module]
         return run
 
     def apply(self) -> None:
@@ -187,9 +202,9 @@ class _Conversion:
         if decision.strategy is None:
             self.report.add(site.fqn, kind, "skipped", reason=decision.reason)
             return
-        new = build_converted_norm(site.module, spec, decision.strategy, decision.output)
+        new = build_converted_norm(site.module, spec, decision.strategy, decision.dtype_policy)
         self.log.replace_site(site, new)
-        strategy = f"{spec.kind} {decision.strategy}, output={decision.output}"
+        strategy = f"{spec.kind} {decision.strategy}, output={decision.dtype_policy}"
         self.report.add(site.fqn, kind, "converted", strategy, decision.reason)
         for consumer in decision.consumers:
             consumer_site = self.site_of[id(consumer)]
@@ -227,17 +242,11 @@ def convert(
     module: nn.Module,
     example_input: Any = None,
     *,
-    activations: bool = True,
-    norms: bool = True,
-    bits: int = 2,
-    table: Any = "fitted",
-    affine: str = "auto",
-    verify: bool = True,
+    config: ConversionConfig | None = None,
     filter: ModuleFilter | None = None,  # noqa: A002 - the public name users expect
     probe: ProbeFn | None = None,
-    min_keep_weight: float | None = None,
-    tolerance: float | None = None,
     probe_label: str | None = None,
+    **options: Any,
 ) -> ConversionReport:
     """Convert activations and norms of ``module`` in place; return what was done.
 
@@ -253,8 +262,12 @@ def convert(
         example_input: one batch as ``forward`` takes it: a tensor, a tuple of positional
             arguments or a dict of keyword arguments. Needed to merge affines, verify the
             output and measure saved bytes.
-        activations, norms, bits, table, affine, verify, min_keep_weight, tolerance: see
-            :class:`~lightning_approxbp.conversion.config.ConversionConfig`.
+        config: what to convert and how (a
+            :class:`~lightning_approxbp.conversion.config.ConversionConfig`); default: the
+            defaults of its fields, overridden by ``options``.
+        options: the fields of ``ConversionConfig`` as keywords (``activations``, ``norms``,
+            ``bits``, ``table``, ``affine``, ``verify``, ``min_keep_weight``, ``tolerance``),
+            instead of ``config``.
         filter: ``(module, fqn) -> bool``; only norms and activations for which it returns
             ``True`` are considered.
         probe: instead of ``example_input``, a function that runs the model once the way
@@ -279,8 +292,7 @@ def convert(
         >>> report.bytes_after < report.bytes_before
         True
     """
-    options: dict[str, Any] = {"min_keep_weight": min_keep_weight} if min_keep_weight is not None else {}
-    config = ConversionConfig(activations, norms, bits, table, affine, verify, tolerance=tolerance, **options)
+    config = ConversionConfig.build(config, **options)
     if example_input is not None and probe is not None:
         raise ValueError("Pass either example_input or probe, not both.")
     if probe is None and example_input is not None:
@@ -306,10 +318,10 @@ def convert(
                 "ApproxBP: the converted model failed on the probe batch; the model was left unconverted."
             ) from error
         report.bytes_before, report.bytes_after = reference.saved_bytes, converted.saved_bytes
-        if verify:
+        if config.verify:
             conversion.verify(reference, converted)
     if not report.rows or not (report.converted or any(r.action == "unchanged" for r in report.rows)):
-        rank_zero_warn(
+        _warn_once_per_job(
             f"ApproxBP: nothing to convert in {type(module).__name__} (no GELU/SiLU-family activation or "
             "LayerNorm/RMSNorm that can be converted exactly); the model is unchanged."
         )

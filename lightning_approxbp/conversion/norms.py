@@ -29,7 +29,7 @@ from lightning_approxbp.nn import MSLayerNorm, MSRMSNorm
 from lightning_approxbp.ops.ms_norm import DEFAULT_WEIGHT_CLAMP
 
 STRATEGIES: tuple[str, ...] = ("merge", "keep", "plain")
-OUTPUT_POLICIES: tuple[str, ...] = ("autocast", "input")
+DTYPE_POLICIES: tuple[str, ...] = ("autocast", "input")
 _EPS_ATTRIBUTES: tuple[str, ...] = ("eps", "variance_epsilon")
 _CANDIDATE_FORMS: tuple[tuple[bool, float], ...] = ((False, 0.0), (False, 1.0), (True, 0.0))
 
@@ -132,13 +132,13 @@ class ConvertedNorm:
 
     ``strategy``: ``"merge"`` (the affine is applied by the consumers: this module normalises
     only, exact backward), ``"keep"`` (affine applied here, recovered from the output in
-    backward) or ``"plain"`` (no affine parameters). ``output``: ``"autocast"`` emits the
+    backward) or ``"plain"`` (no affine parameters). ``dtype_policy``: ``"autocast"`` emits the
     autocast dtype under autocast (every consumer is a linear layer that would cast anyway, so
     norm and consumer save one tensor), ``"input"`` emits the input dtype as the original norm did.
     """
 
     strategy: str
-    output: str
+    dtype_policy: str
 
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
         if self.strategy == "merge":
@@ -146,11 +146,11 @@ class ConvertedNorm:
         return self.weight, getattr(self, "bias", None)  # type: ignore[attr-defined]
 
     def _output_dtype(self, x: Tensor) -> torch.dtype | None:
-        return None if self.output == "autocast" else x.dtype
+        return None if self.dtype_policy == "autocast" else x.dtype
 
     def extra_repr(self) -> str:
         # Cooperative: the norm class after this mixin in the MRO supplies the shape and eps.
-        return f"{super().extra_repr()}, approxbp: affine={self.strategy}, output={self.output}"  # type: ignore[misc]
+        return f"{super().extra_repr()}, approxbp: affine={self.strategy}, output={self.dtype_policy}"  # type: ignore[misc]
 
 
 class ConvertedLayerNorm(ConvertedNorm, MSLayerNorm):
@@ -175,10 +175,10 @@ class ConvertedRMSNorm(ConvertedNorm, MSRMSNorm):
         )
 
 
-def build_converted_norm(original: nn.Module, spec: NormSpec, strategy: str, output: str) -> nn.Module:
+def build_converted_norm(original: nn.Module, spec: NormSpec, strategy: str, dtype_policy: str) -> nn.Module:
     """A converted norm that shares ``original``'s parameters (same names, same objects)."""
-    if strategy not in STRATEGIES or output not in OUTPUT_POLICIES:
-        raise ValueError(f"Unknown strategy {strategy!r} or output policy {output!r}.")
+    if strategy not in STRATEGIES or dtype_policy not in DTYPE_POLICIES:
+        raise ValueError(f"Unknown strategy {strategy!r} or output dtype policy {dtype_policy!r}.")
     cls = ConvertedLayerNorm if spec.centered else ConvertedRMSNorm
     new = cls.__new__(cls)
     nn.Module.__init__(new)
@@ -189,7 +189,7 @@ def build_converted_norm(original: nn.Module, spec: NormSpec, strategy: str, out
     new.weight_clamp = DEFAULT_WEIGHT_CLAMP
     new.offset = spec.offset
     new.strategy = strategy
-    new.output = output
+    new.dtype_policy = dtype_policy
     new.weight = original.weight if spec.has_weight else None
     if spec.centered:
         new.bias = original.bias if spec.has_bias else None

@@ -8,16 +8,17 @@ and the converted model), and restores the caller's RNG state, module modes and 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from lightning_approxbp.conversion.consumers import NormUses, trace_norm_uses
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 
 ProbeFn = Callable[[nn.Module], Any]
@@ -41,12 +42,12 @@ def probe_from_example(example_input: Any) -> ProbeFn:
 
 @dataclass
 class ProbeRun:
-    """Outputs (detached floating tensors, in order), saved-for-backward bytes, and what the
-    optional context (e.g. the norm-use tracer) returned from ``finish(output)``."""
+    """Outputs (detached floating tensors, in order), saved-for-backward bytes, and, when the
+    run was traced, where each norm's output went."""
 
     outputs: list[Tensor]
     saved_bytes: int
-    extra: Any = None
+    norm_uses: dict[nn.Module, NormUses] | None = None
 
 
 def output_tensors(output: Any) -> list[Tensor]:
@@ -57,12 +58,32 @@ def output_tensors(output: Any) -> list[Tensor]:
 
 
 @contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Restore Python's, NumPy's (if installed) and torch's RNG states (CUDA too) on exit."""
+    python_state = random.getstate()
+    try:
+        import numpy
+
+        numpy_state: Any = numpy.random.get_state()
+    except ImportError:
+        numpy, numpy_state = None, None
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            if numpy is not None:
+                numpy.random.set_state(numpy_state)
+
+
+@contextmanager
 def isolated(module: nn.Module) -> Iterator[None]:
     """Train mode, a fixed seed, and the caller's RNG, modes and buffers restored on exit."""
     modes = {m: m.training for m in module.modules()}
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     try:
-        with isolate_rng():
+        with isolated_rng():
             torch.manual_seed(_SEED)
             module.train()
             yield
@@ -74,21 +95,22 @@ def isolated(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(saved)
 
 
-def run_probe(module: nn.Module, probe: ProbeFn, wrap: Callable[[], Any] | None = None) -> ProbeRun:
+def run_probe(module: nn.Module, probe: ProbeFn, trace_norms: dict[nn.Module, int | None] | None = None) -> ProbeRun:
     """Run ``probe(module)`` isolated, counting saved bytes.
 
-    ``wrap()`` may add a context manager (the tracer) around the call; its ``finish(output)``
-    result is returned as :attr:`ProbeRun.extra`.
+    With ``trace_norms`` (norm module -> its number of features, ``None`` when it normalises
+    several axes), the run also records where each norm's output goes
+    (:attr:`ProbeRun.norm_uses`).
     """
-    extra = None
+    uses = None
     with isolated(module), torch.enable_grad(), SavedTensorCounter(exclude=module.parameters()) as counter:
-        if wrap is None:
+        if trace_norms is None:
             output = probe(module)
         else:
-            with wrap() as context:
+            with trace_norm_uses(module, trace_norms) as tracer:
                 output = probe(module)
-                extra = context.finish(output)
-    return ProbeRun(output_tensors(output), counter.stats.activation_bytes, extra)
+                uses = tracer.finish(output)
+    return ProbeRun(output_tensors(output), counter.stats.activation_bytes, uses)
 
 
 def default_tolerance(dtype: torch.dtype) -> float:

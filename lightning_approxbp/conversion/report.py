@@ -72,10 +72,6 @@ class ConversionReport:
         return [row for row in self.rows if row.action == "converted"]
 
     @property
-    def skipped(self) -> list[ReportRow]:
-        return [row for row in self.rows if row.action == "skipped"]
-
-    @property
     def changed(self) -> bool:
         """Whether this call changed the model."""
         return bool(self.converted)

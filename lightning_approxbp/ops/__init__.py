@@ -1,14 +1,21 @@
 """Ops: Triton kernels (CUDA) and PyTorch paths (everywhere) behind one dispatch point.
 
-Every op is registered with ``torch.library`` (namespace ``approxbp``) so that
-``torch.compile`` captures it as one opaque node. The user-facing functions live in
-:mod:`lightning_approxbp.functional`; each op's module (``ops.step_activation``,
-``ops.ms_norm``, ``ops.affine_linear``) holds its kernels' launch, PyTorch path and Function.
+- ``ops.step_activation`` and ``ops.ms_norm``: the PyTorch path, the ``torch.library`` custom
+  ops (namespace ``approxbp``, so ``torch.compile`` captures each as one opaque node) and the
+  autograd Function; their Triton kernels and launchers sit beside them in ``*_triton.py``.
+- ``ops.dispatch``: the one rule that picks Triton or PyTorch for an input.
+- ``ops.affine_linear``: a norm's affine applied inside the consuming linear layer; an
+  autograd Function over torch's matmuls (no kernel of its own), traceable by ``torch.compile``.
+- ``ops.aot_compile``: compiles every launchable kernel for real GPUs without one.
+- ``ops.reference``: fp64 formulas the tests check everything against (no library code uses it).
+
+The user-facing functions live in :mod:`lightning_approxbp.functional`.
 """
 
-from lightning_approxbp.ops._utils import BACKENDS, triton_available, use_backend
+from lightning_approxbp.ops._utils import packed_size
+from lightning_approxbp.ops.dispatch import BACKENDS, triton_available, use_backend
 from lightning_approxbp.ops.ms_norm import MSNormFunction
-from lightning_approxbp.ops.step_activation import StepActivationFunction, packed_size
+from lightning_approxbp.ops.step_activation import StepActivationFunction
 
 __all__ = [
     "BACKENDS",

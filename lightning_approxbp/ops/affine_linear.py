@@ -25,6 +25,8 @@ OP_NAME = "affine_linear"
 
 def _affine(x: Tensor, gamma: Tensor | None, beta: Tensor | None, offset: float) -> Tensor:
     """``x * (gamma + offset) + beta`` computed in fp32 (fp64 for fp64) and rounded once to ``x.dtype``."""
+    if gamma is None and beta is None:
+        return x
     work = x.to(compute_dtype(x.dtype))
     if gamma is not None and beta is not None:
         work = torch.addcmul(beta.to(work.dtype), work, gamma.to(work.dtype) + offset)
@@ -65,13 +67,13 @@ class AffineLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             out = _matmul(_affine(x_c, gamma, beta, offset), weight, bias, transposed)
         ctx.save_for_backward(x_c, gamma, beta, weight, bias)
-        ctx.settings = (offset, transposed, x.dtype)
+        ctx.offset, ctx.transposed, ctx.input_dtype = offset, transposed, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         x_c, gamma, beta, weight, bias = ctx.saved_tensors
-        offset, transposed, input_dtype = ctx.settings
+        offset, transposed, input_dtype = ctx.offset, ctx.transposed, ctx.input_dtype
         needs_x, needs_gamma, needs_beta, needs_weight, needs_bias = ctx.needs_input_grad[:5]
         n_in = x_c.shape[-1]
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1]).to(x_c.dtype)
@@ -111,7 +113,9 @@ def affine_linear(
 
     Args:
         x: the affine-free norm output, features last.
-        gamma, beta: the norm's affine parameters (either may be ``None``).
+        gamma, beta: the norm's affine parameters (either or both may be ``None``; with
+            neither this is a linear layer that saves its input in the autocast dtype and a
+            reference to its weight, not autocast's copy of the weight).
         weight: ``out x in`` (``nn.Linear``) or ``in x out`` with ``transposed=True`` (``Conv1D``).
         bias: the linear layer's bias.
         offset: constant added to ``gamma`` (``1.0`` for Gemma's ``(1 + w)``).

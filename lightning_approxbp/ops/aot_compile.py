@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from lightning_approxbp.ops._utils import TRITON_DTYPES
+from lightning_approxbp.ops._utils import packed_size
+from lightning_approxbp.ops.dispatch import TRITON_DTYPES
 from lightning_approxbp.ops.kernel_launch import KernelLaunch
 
 DEFAULT_ARCHES = (80, 90)
@@ -92,9 +93,8 @@ class CompileSpec:
 
 
 def _step_activation_launches() -> Iterator[KernelLaunch]:
+    from lightning_approxbp.activations import ACTIVATIONS
     from lightning_approxbp.ops import step_activation_triton as kernels
-    from lightning_approxbp.ops.reference import ACTIVATIONS
-    from lightning_approxbp.ops.step_activation import packed_size
     from lightning_approxbp.tables import SUPPORTED_BITS, get_table
 
     for dtype, bits in itertools.product(TRITON_DTYPES, SUPPORTED_BITS):

@@ -26,10 +26,11 @@ from lightning_approxbp.ops._utils import (
     compute_dtype,
     guard_double_backward,
     requires_grad,
-    resolve_backend,
 )
+from lightning_approxbp.ops.dispatch import dispatch
 
 OP_NAME = "ms_norm"
+_TRITON_KERNELS = "lightning_approxbp.ops.ms_norm_triton"
 DEFAULT_WEIGHT_CLAMP = 1e-4
 
 
@@ -127,11 +128,8 @@ def ms_norm_forward(
     if x.numel() == 0:
         rstd = torch.empty(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
         return torch.empty(x.shape, dtype=out_dtype, device=x.device), rstd
-    if resolve_backend(x, OP_NAME) == "triton":
-        from lightning_approxbp.ops import ms_norm_triton
-
-        return ms_norm_triton.forward(x, weight, bias, eps, centered, offset, out_dtype)
-    return _torch_forward(x, weight, bias, eps, centered, offset, out_dtype)
+    run = dispatch(OP_NAME, x, _torch_forward, f"{_TRITON_KERNELS}:forward")
+    return run(x, weight, bias, eps, centered, offset, out_dtype)
 
 
 @ms_norm_forward.register_fake
@@ -158,11 +156,8 @@ def ms_norm_backward(
         grad_weight = torch.zeros_like(weight) if weight is not None else torch.empty(0, device=y.device)
         grad_bias = torch.zeros_like(bias) if bias is not None else torch.empty(0, device=y.device)
         return torch.empty(y.shape, dtype=input_dtype, device=y.device), grad_weight, grad_bias
-    if resolve_backend(grad_output, OP_NAME) == "triton":
-        from lightning_approxbp.ops import ms_norm_triton
-
-        return ms_norm_triton.backward(grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype)
-    return _torch_backward(grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype)
+    run = dispatch(OP_NAME, grad_output, _torch_backward, f"{_TRITON_KERNELS}:backward")
+    return run(grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype)
 
 
 @ms_norm_backward.register_fake
@@ -197,17 +192,16 @@ class MSNormFunction(torch.autograd.Function):
     ) -> Tensor:
         y, rstd = ms_norm_forward(x, weight, bias, eps, centered, offset, out_dtype)
         ctx.save_for_backward(y, rstd, weight, bias)
-        ctx.settings = (centered, offset, weight_clamp, x.dtype)
+        ctx.centered, ctx.offset, ctx.weight_clamp, ctx.input_dtype = centered, offset, weight_clamp, x.dtype
         return y
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         y, rstd, weight, bias = ctx.saved_tensors
-        centered, offset, weight_clamp, input_dtype = ctx.settings
         with torch.no_grad():
             grad_input, grad_weight, grad_bias = ms_norm_backward(
-                grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype
+                grad_output, y, rstd, weight, bias, ctx.centered, ctx.offset, ctx.weight_clamp, ctx.input_dtype
             )
         grad_weight = grad_weight if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = grad_bias if bias is not None and ctx.needs_input_grad[2] else None

@@ -2,51 +2,16 @@
 
 These are the formulas every kernel and every fast path is tested against. They favour
 clarity over memory: they are meant to run in fp64 on small tensors, and the tests import them.
+No library code depends on this module. The activations' own formulas and derivatives are in
+:mod:`lightning_approxbp.activations`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_tanh", "silu", "quick_gelu")
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_QUICK_GELU_ALPHA = 1.702
-
-
-def activation_forward(x: Tensor, activation: str) -> Tensor:
-    """Exact forward of ``activation`` in the dtype of ``x``."""
-    if activation == "gelu":
-        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-    if activation == "gelu_tanh":
-        return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3)))
-    if activation == "silu":
-        return x * torch.sigmoid(x)
-    if activation == "quick_gelu":
-        return x * torch.sigmoid(_QUICK_GELU_ALPHA * x)
-    raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
-
-
-def activation_derivative(x: Tensor, activation: str) -> Tensor:
-    """Exact derivative h'(x), used to fit step tables and to measure their error."""
-    if activation == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-        pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-        return cdf + x * pdf
-    if activation == "gelu_tanh":
-        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
-        t = torch.tanh(inner)
-        d_inner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
-    if activation in ("silu", "quick_gelu"):
-        alpha = 1.0 if activation == "silu" else _QUICK_GELU_ALPHA
-        s = torch.sigmoid(alpha * x)
-        return s + alpha * x * s * (1.0 - s)
-    raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
 
 
 def step_codes(x: Tensor, thresholds: Sequence[float]) -> Tensor:

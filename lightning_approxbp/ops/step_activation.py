@@ -10,7 +10,6 @@ output are not kept (the table lives on the autograd context as Python numbers).
 
 from __future__ import annotations
 
-import math
 import sys
 from functools import lru_cache
 
@@ -18,41 +17,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_approxbp.activations import get_activation
 from lightning_approxbp.ops._utils import (
     check_floating,
     compute_dtype,
     guard_double_backward,
+    packed_size,
     requires_grad,
-    resolve_backend,
+    table_tensor,
 )
-from lightning_approxbp.ops.reference import ACTIVATIONS
+from lightning_approxbp.ops.dispatch import dispatch
 from lightning_approxbp.tables import StepTable
 
 OP_NAME = "step_activation"
-
-
-def packed_size(numel: int, bits: int) -> int:
-    """Bytes that hold ``numel`` codes of ``bits`` bits each."""
-    return math.ceil(numel * bits / 8)
+_TRITON_KERNELS = "lightning_approxbp.ops.step_activation_triton"
 
 
 def exact_activation(x: Tensor, activation: str) -> Tensor:
     """The unmodified forward, as torch computes it (fp32 internally for 16-bit inputs)."""
-    if activation == "gelu":
-        return F.gelu(x)
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if activation == "silu":
-        return F.silu(x)
-    if activation == "quick_gelu":
-        return (x.to(compute_dtype(x.dtype)) * torch.sigmoid(1.702 * x.to(compute_dtype(x.dtype)))).to(x.dtype)
-    raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
-
-
-@lru_cache(maxsize=64)
-def table_tensor(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A small constant tensor, built once per device (tables are immutable)."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    return get_activation(activation).torch_forward(x)
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -137,11 +120,8 @@ def step_activation_forward(x: Tensor, thresholds: list[float], activation: str,
     x = x.contiguous()
     if x.numel() == 0:
         return torch.empty_like(x), torch.empty(0, dtype=torch.uint8, device=x.device)
-    if resolve_backend(x, OP_NAME) == "triton":
-        from lightning_approxbp.ops import step_activation_triton
-
-        return step_activation_triton.forward(x, thresholds, activation, bits)
-    return _torch_forward(x, thresholds, activation, bits)
+    run = dispatch(OP_NAME, x, _torch_forward, f"{_TRITON_KERNELS}:forward")
+    return run(x, thresholds, activation, bits)
 
 
 @step_activation_forward.register_fake
@@ -157,11 +137,8 @@ def step_activation_backward(grad_output: Tensor, packed: Tensor, levels: list[f
     grad_output = grad_output.contiguous()
     if grad_output.numel() == 0:
         return torch.empty_like(grad_output)
-    if resolve_backend(grad_output, OP_NAME) == "triton":
-        from lightning_approxbp.ops import step_activation_triton
-
-        return step_activation_triton.backward(grad_output, packed, levels, bits)
-    return _torch_backward(grad_output, packed, levels, bits)
+    run = dispatch(OP_NAME, grad_output, _torch_backward, f"{_TRITON_KERNELS}:backward")
+    return run(grad_output, packed, levels, bits)
 
 
 @step_activation_backward.register_fake

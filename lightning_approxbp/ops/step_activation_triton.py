@@ -13,10 +13,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lightning_approxbp.activations import get_activation
+from lightning_approxbp.ops._utils import packed_size, table_tensor
 from lightning_approxbp.ops.kernel_launch import KernelLaunch
-from lightning_approxbp.ops.step_activation import packed_size, table_tensor
 
-_ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
 # Globals read inside a kernel must be constexpr: the compiler refuses plain Python floats
 # (the interpreter accepts them, so only the ahead-of-time compile check catches this).
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -34,6 +34,7 @@ def _sigmoid(z):
 
 @triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
+    """The exact forward; ``ACTIVATION`` is the registry's ``kernel_id``."""
     if ACTIVATION == 0:
         y = 0.5 * x * (1.0 + tl.erf(x * _SQRT_HALF))
     elif ACTIVATION == 1:
@@ -41,8 +42,10 @@ def _activation(x, ACTIVATION: tl.constexpr):
         y = 0.5 * x * (1.0 + (2.0 * _sigmoid(2.0 * inner) - 1.0))
     elif ACTIVATION == 2:
         y = x * _sigmoid(x)
-    else:
+    elif ACTIVATION == 3:
         y = x * _sigmoid(1.702 * x)
+    else:
+        tl.static_assert(False, "an activation of the registry has no branch in the Triton kernel")
     return y
 
 
@@ -129,7 +132,7 @@ def plan_forward(
             "n_bytes": n_bytes,
         },
         constexprs={
-            "ACTIVATION": _ACTIVATION_IDS[activation],
+            "ACTIVATION": get_activation(activation).kernel_id,
             "BITS": bits,
             "N_THRESHOLDS": len(thresholds),
             "BLOCK_BYTES": block_bytes,

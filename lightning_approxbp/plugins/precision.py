@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Callable
-from types import MethodType
 from weakref import WeakKeyDictionary, WeakSet
 
 import torch
@@ -29,21 +28,18 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_approxbp.conversion.merged import MERGED_TYPES
-from lightning_approxbp.nn import MSLayerNorm, MSRMSNorm
+from lightning_approxbp.plugins.module_transforms import (
+    follow_input_dtype,
+    recast_trainable_weights,
+    store_frozen_weights,
+)
 
 PRECISIONS: tuple[str, ...] = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 
 _DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
-# Modules whose forward rounds the weight to the autocast dtype at every call: one autocast-listed
-# op (linear, addmm, convNd), or the ApproxBP merged linears (which cast to the autocast dtype
-# themselves). Exact types only: a subclass may use its weight differently.
-_AUTOCAST_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *MERGED_TYPES)
-_AUTOCAST_MODULE_NAMES = frozenset({"transformers.pytorch_utils.Conv1D"})
 # Strategies that need their own precision type or own the module's dtypes.
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
 
@@ -148,7 +144,7 @@ class ApproxBPPrecision(Precision):
         if self.precision.endswith("-mixed") and self.recast_trainable_weights:
             self._recasting.update(recast_trainable_weights(module))
         if self.precision in ("16-true", "bf16-true"):
-            _follow_input_dtype(module, self.compute_dtype)
+            follow_input_dtype(module, self.compute_dtype)
         return module
 
     @override
@@ -284,119 +280,6 @@ class ApproxBPPrecision(Precision):
             f"{type(self).__name__}(precision={self.precision!r}, store_frozen_weights={self.store_frozen_weights}, "
             f"recast_trainable_weights={self.recast_trainable_weights})"
         )
-
-
-def store_frozen_weights(module: nn.Module, dtype: torch.dtype) -> dict[nn.Parameter, torch.dtype]:
-    """Store the frozen weights of autocast-cast layers in ``dtype``, in place.
-
-    A parameter is converted only when it does not require grad, is floating point and wider
-    than ``dtype``, and every module that holds it is an exact ``nn.Linear``/``nn.ConvNd``,
-    transformers ``Conv1D`` or ApproxBP merged linear (a weight tied to an embedding is left
-    alone). Parameter objects are
-    kept, so references (optimizers, tied modules) stay valid.
-
-    Returns:
-        The converted parameters and their original dtypes.
-
-    Example::
-
-        >>> layer = torch.nn.Linear(4, 4).requires_grad_(False)
-        >>> converted = store_frozen_weights(layer, torch.bfloat16)
-        >>> layer.weight.dtype, len(converted)
-        (torch.bfloat16, 2)
-    """
-    owners: dict[nn.Parameter, list[nn.Module]] = {}
-    for submodule in module.modules():
-        for param in submodule.parameters(recurse=False):
-            owners.setdefault(param, []).append(submodule)
-    converted: dict[nn.Parameter, torch.dtype] = {}
-    for param, holders in owners.items():
-        if param.requires_grad or not param.is_floating_point():
-            continue
-        if torch.finfo(param.dtype).bits <= torch.finfo(dtype).bits:
-            continue
-        if all(_is_autocast_cast(holder) for holder in holders):
-            converted[param] = param.dtype
-            param.data = param.data.to(dtype)
-    return converted
-
-
-def recast_trainable_weights(module: nn.Module) -> list[nn.Linear]:
-    """Make exact ``nn.Linear`` layers with a trainable weight cast it again in backward under autocast.
-
-    The layer's ``forward`` is replaced on the instance (class, parameters and state dict are
-    unchanged; ``del layer.forward`` undoes it). Outside autocast, or without grad, the layer
-    runs ``F.linear`` as before.
-
-    Returns:
-        The layers changed by this call (already changed layers are skipped).
-
-    Example::
-
-        >>> layer = torch.nn.Linear(4, 4)
-        >>> len(recast_trainable_weights(layer))
-        1
-        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
-        ...     layer(torch.randn(2, 4)).dtype
-        torch.bfloat16
-    """
-    changed = []
-    for submodule in module.modules():
-        if type(submodule) is nn.Linear and submodule.weight.requires_grad and "forward" not in submodule.__dict__:
-            submodule.forward = MethodType(_linear_recasting_in_backward, submodule)
-            changed.append(submodule)
-    return changed
-
-
-def _linear_recasting_in_backward(self: nn.Linear, x: Tensor) -> Tensor:
-    device_type = x.device.type
-    if not (torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and self.weight.requires_grad):
-        return F.linear(x, self.weight, self.bias)
-    return _RecastLinearFunction.apply(x, self.weight, self.bias, torch.get_autocast_dtype(device_type))
-
-
-class _RecastLinearFunction(torch.autograd.Function):
-    """Autocast's ``linear`` that saves the fp32 weight (a reference) instead of its cast copy.
-
-    Saves the input in the autocast dtype (the tensor autocast's ``linear`` saves too) and the
-    weight; recomputes the weight's cast in backward. The matmuls are those autograd runs for
-    ``addmm``, so results are bit-identical.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
-        x_c = x.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            out = F.linear(x_c, weight.to(dtype), None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(x_c, weight)
-        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x_c, weight = ctx.saved_tensors
-        x_dtype, bias_dtype = ctx.dtypes
-        grad = grad_output.reshape(-1, grad_output.shape[-1]).to(x_c.dtype)
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad.mm(weight.to(x_c.dtype)).view(*x_c.shape).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = x_c.reshape(-1, x_c.shape[-1]).t().mm(grad).t().to(weight.dtype)
-        if bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0).to(bias_dtype)
-        return grad_x, grad_weight, grad_bias, None
-
-
-def _is_autocast_cast(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls in _AUTOCAST_MODULE_TYPES or f"{cls.__module__}.{cls.__qualname__}" in _AUTOCAST_MODULE_NAMES
-
-
-def _follow_input_dtype(module: nn.Module, dtype: torch.dtype) -> None:
-    """Under ``*-true``, make memory-sharing norms with a wider explicit ``output_dtype`` emit their input's dtype."""
-    for submodule in module.modules():
-        if isinstance(submodule, (MSLayerNorm, MSRMSNorm)) and submodule.output_dtype not in (None, dtype):
-            submodule.output_dtype = None
 
 
 def _attached_trainer(module: nn.Module) -> Trainer | None:

@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass
 from importlib import resources
 
-from lightning_approxbp.ops.reference import ACTIVATIONS
+from lightning_approxbp.activations import ACTIVATIONS
 
 SUPPORTED_BITS: tuple[int, ...] = (1, 2, 4)
 TABLE_KINDS: tuple[str, ...] = ("fitted", "paper")
@@ -80,10 +80,6 @@ class StepTable:
         if any(b <= a for a, b in zip(self.thresholds, self.thresholds[1:])):
             raise ValueError(f"Thresholds must be strictly ascending, got {self.thresholds}.")
 
-    @property
-    def codes_per_byte(self) -> int:
-        return 8 // self.bits
-
     @classmethod
     def from_relu_sum(cls, activation: str, a: list[float], c: list[float], kind: str = "custom") -> StepTable:
         """Build a table from the paper's parametrisation ``sum_i a_i * max(x - c_i, 0)``.
@@ -132,6 +128,13 @@ def _load_fitted_tables() -> dict[tuple[str, int], StepTable]:
 _FITTED_TABLES = _load_fitted_tables()
 
 
+def has_table(activation: str, bits: int = 2, kind: str = "fitted") -> bool:
+    """Whether :func:`get_table` ships a table for these arguments."""
+    if kind == "paper":
+        return activation in _PAPER_TABLES and bits == 2
+    return kind == "fitted" and (activation, bits) in _FITTED_TABLES
+
+
 def get_table(activation: str, bits: int = 2, kind: str = "fitted") -> StepTable:
     """Return a shipped table.
 
@@ -160,4 +163,4 @@ def get_table(activation: str, bits: int = 2, kind: str = "fitted") -> StepTable
     raise ValueError(f"Unknown table kind {kind!r}; expected one of {TABLE_KINDS}.")
 
 
-__all__ = ["SUPPORTED_BITS", "TABLE_KINDS", "StepTable", "get_table"]
+__all__ = ["SUPPORTED_BITS", "TABLE_KINDS", "StepTable", "get_table", "has_table"]

@@ -11,9 +11,13 @@ import argparse
 import json
 from pathlib import Path
 
-from lightning_approxbp.ops.reference import ACTIVATIONS
+from lightning_approxbp.activations import ACTIVATIONS
 from lightning_approxbp.tables import FITTED_TABLES_FILE, SUPPORTED_BITS, get_table
-from lightning_approxbp.tables.solver import UNIFORM_WEIGHT, expected_squared_error, fit_table
+from lightning_approxbp.tables.solver import (
+    UNIFORM_WEIGHT,
+    expected_squared_error,
+    fit_table,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

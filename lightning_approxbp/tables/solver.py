@@ -13,7 +13,7 @@ For fixed intervals the best level is the p-weighted mean of h' over the interva
 problem is an optimal 1-D segmentation. It is solved *exactly* on a fine grid by dynamic
 programming (no annealing, no random restarts), which makes regeneration deterministic.
 
-The distribution p (documented in the README and docs/tables.md):
+The distribution p (documented in docs/ops.md, "Tables"):
 
     p = 0.9 * MiniLM + 0.1 * Uniform[-8, 8]
 
@@ -33,7 +33,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from lightning_approxbp.ops.reference import activation_derivative
+from lightning_approxbp.activations import get_activation
 
 PREACTIVATIONS_FILE = "minilm_preactivations.json"
 UNIFORM_WEIGHT = 0.1
@@ -106,7 +106,7 @@ def optimal_segmentation(values: np.ndarray, weights: np.ndarray, n_segments: in
 def fit_table(activation: str, bits: int) -> Fit:
     """Fit the ``bits``-bit step derivative of ``activation`` (deterministic)."""
     points, weights = fitting_grid()
-    derivative = activation_derivative(torch.from_numpy(points), activation).numpy()
+    derivative = get_activation(activation).derivative(torch.from_numpy(points)).numpy()
     starts, error = optimal_segmentation(derivative, weights, 2**bits)
     bounds = [0, *starts, points.size]
     levels = []
@@ -121,7 +121,7 @@ def expected_squared_error(activation: str, thresholds: tuple[float, ...], level
     """The objective above, evaluated for any table (e.g. the paper's) on the same grid."""
     points, weights = fitting_grid()
     x = torch.from_numpy(points)
-    exact = activation_derivative(x, activation)
+    exact = get_activation(activation).derivative(x)
     codes = torch.zeros_like(x, dtype=torch.long)
     for threshold in thresholds:
         codes += (x > threshold).long()

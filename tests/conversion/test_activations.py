@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_approxbp import convert
-from lightning_approxbp.conversion.activations import function_attributes, identify_activation
+from lightning_approxbp.conversion.activations import (
+    function_attributes,
+    identify_activation,
+)
 from lightning_approxbp.nn import StepActivation
 
 transformers_activations = pytest.importorskip("transformers.activations")

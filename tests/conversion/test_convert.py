@@ -12,7 +12,6 @@ from lightning_approxbp import convert
 from lightning_approxbp.conversion import engine
 from lightning_approxbp.conversion.probe import output_tensors
 from lightning_approxbp.saved_tensors import SavedTensorCounter
-
 from tests.conversion.models import CASES, Case, PreLNBlock
 
 # Whole-model parameter-gradient cosine vs exact backprop, fitted 2-bit tables, one backward on

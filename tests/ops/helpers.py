@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from lightning_approxbp.ops._utils import triton_interpreter_enabled
+from lightning_approxbp.ops.dispatch import triton_interpreter_enabled
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from lightning_approxbp import functional as AF
+from lightning_approxbp.activations import ACTIVATIONS
 from lightning_approxbp.nn import ReGELU2, ReSiLU2, StepActivation
 from lightning_approxbp.ops import packed_size, use_backend
-from lightning_approxbp.ops.reference import ACTIVATIONS, step_activation_backward, step_codes
+from lightning_approxbp.ops.reference import step_activation_backward, step_codes
 from lightning_approxbp.ops.step_activation import pack_codes, unpack_codes
 from lightning_approxbp.tables import SUPPORTED_BITS, get_table
 

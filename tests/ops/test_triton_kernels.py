@@ -6,13 +6,18 @@ import pytest
 import torch
 
 from lightning_approxbp import functional as AF
+from lightning_approxbp.activations import ACTIVATIONS
 from lightning_approxbp.ops import ms_norm_triton, use_backend
 from lightning_approxbp.ops.ms_norm import ms_norm_backward, ms_norm_forward
-from lightning_approxbp.ops.reference import ACTIVATIONS
 from lightning_approxbp.ops.step_activation import step_activation_forward
 from lightning_approxbp.tables import SUPPORTED_BITS, get_table
 
-from .helpers import FLOAT_DTYPES, TRITON_DEVICE, interpreter_rounding_tolerance, requires_triton
+from .helpers import (
+    FLOAT_DTYPES,
+    TRITON_DEVICE,
+    interpreter_rounding_tolerance,
+    requires_triton,
+)
 
 pytestmark = requires_triton
 

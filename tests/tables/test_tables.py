@@ -7,10 +7,14 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from lightning_approxbp.ops.reference import ACTIVATIONS
+from lightning_approxbp.activations import ACTIVATIONS
 from lightning_approxbp.tables import SUPPORTED_BITS, StepTable, get_table
 from lightning_approxbp.tables.__main__ import main as regenerate
-from lightning_approxbp.tables.solver import expected_squared_error, fit_table, optimal_segmentation
+from lightning_approxbp.tables.solver import (
+    expected_squared_error,
+    fit_table,
+    optimal_segmentation,
+)
 
 
 def test_regeneration_reproduces_the_shipped_file(tmp_path):

@@ -1,0 +1,121 @@
+"""The activations Approx-BP supports: one registry, read by every layer.
+
+Each entry names an activation and gives what the rest of the package needs of it:
+
+- ``kernel_id``: the value of the Triton kernels' ``ACTIVATION`` switch;
+- ``torch_forward``: torch's own op, what the PyTorch path and the conversion's behavioural
+  matching compute (fp32 internally for 16-bit inputs, like torch's fused kernels);
+- ``formula``: the same function in elementary operations, exact in any dtype (the fp64
+  references of the tests use it);
+- ``derivative``: the exact ``h'(x)``, which the step tables approximate.
+
+This module imports nothing from the package, so every layer can read it.
+
+Example::
+
+    >>> import torch
+    >>> get_activation("silu").formula(torch.tensor([0.0]))
+    tensor([0.])
+    >>> ACTIVATIONS
+    ('gelu', 'gelu_tanh', 'silu', 'quick_gelu')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_TANH_CUBIC = 0.044715
+_QUICK_GELU_ALPHA = 1.702
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One supported activation (see the module docstring for the fields)."""
+
+    name: str
+    kernel_id: int
+    torch_forward: Callable[[Tensor], Tensor]
+    formula: Callable[[Tensor], Tensor]
+    derivative: Callable[[Tensor], Tensor]
+
+
+def _gelu_derivative(x: Tensor) -> Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return cdf + x * pdf
+
+
+def _gelu_tanh_derivative(x: Tensor) -> Tensor:
+    t = torch.tanh(_SQRT_2_OVER_PI * (x + _TANH_CUBIC * x**3))
+    d_inner = _SQRT_2_OVER_PI * (1.0 + 3 * _TANH_CUBIC * x * x)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
+
+
+def _sigmoid_gate_derivative(alpha: float) -> Callable[[Tensor], Tensor]:
+    def derivative(x: Tensor) -> Tensor:
+        s = torch.sigmoid(alpha * x)
+        return s + alpha * x * s * (1.0 - s)
+
+    return derivative
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    # torch has no QuickGELU op; compute in fp32 and round once, as its fused kernels do.
+    wide = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return (wide * torch.sigmoid(_QUICK_GELU_ALPHA * wide)).to(x.dtype)
+
+
+_REGISTRY: dict[str, Activation] = {
+    entry.name: entry
+    for entry in (
+        Activation(
+            "gelu",
+            kernel_id=0,
+            torch_forward=F.gelu,
+            formula=lambda x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0))),
+            derivative=_gelu_derivative,
+        ),
+        Activation(
+            "gelu_tanh",
+            kernel_id=1,
+            torch_forward=lambda x: F.gelu(x, approximate="tanh"),
+            formula=lambda x: 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + _TANH_CUBIC * x**3))),
+            derivative=_gelu_tanh_derivative,
+        ),
+        Activation(
+            "silu",
+            kernel_id=2,
+            torch_forward=F.silu,
+            formula=lambda x: x * torch.sigmoid(x),
+            derivative=_sigmoid_gate_derivative(1.0),
+        ),
+        Activation(
+            "quick_gelu",
+            kernel_id=3,
+            torch_forward=_quick_gelu,
+            formula=lambda x: x * torch.sigmoid(_QUICK_GELU_ALPHA * x),
+            derivative=_sigmoid_gate_derivative(_QUICK_GELU_ALPHA),
+        ),
+    )
+}
+
+ACTIVATIONS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_activation(name: str) -> Activation:
+    """The registry entry for ``name``.
+
+    Raises:
+        ValueError: for a name that is not registered, listing the ones that are.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {ACTIVATIONS}.") from None
