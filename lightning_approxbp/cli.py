@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import re
@@ -32,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 SUBCOMMANDS: tuple[str, ...] = ("fit", "validate", "test", "predict")
 SDK_DISTRIBUTION = "lightning-sdk"
@@ -44,6 +45,31 @@ SHORT_NAME_MODULES: tuple[str, ...] = (
 )
 CONFIG_FLAGS: tuple[str, ...] = ("-c", "--config")
 SOURCE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConciseArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, with errors that fit on a screen.
+
+    jsonargparse prints the full usage (about 50 lines for ``fit``) before an error; this parser
+    prints one usage line, the error, and for a misspelled option the closest real ones.
+    """
+
+    def print_usage(self, file: Any = None) -> None:
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stdout).write(f"usage: {prog} [options]\n")
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        return super().error(message + self._suggestions(message), ex)
+
+    def _suggestions(self, message: str) -> str:
+        unknown = re.findall(r"(--[\w.]+)", message.partition("unrecognized arguments:")[2])
+        options = [option for option in self._option_string_actions if option.startswith("--")]
+        hints = []
+        for option in unknown:
+            close = difflib.get_close_matches(option, options, n=3, cutoff=0.75)
+            if close:
+                hints.append(f"{option}: did you mean {' or '.join(close)}?")
+        return "".join(f"\n  {hint}" for hint in hints)
 
 
 def main(args: Sequence[str] | None = None) -> Any:
@@ -74,6 +100,7 @@ def cli(args: Sequence[str], run: bool = True) -> LightningCLI:
         return LightningCLI(
             model_class=None,
             datamodule_class=None,
+            parser_class=ConciseArgumentParser,
             save_config_kwargs={"overwrite": True},
             args=list(args),
             run=run,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
+from lightning_approxbp._warnings import warn_rank_zero
 from lightning_approxbp.activations import ACTIVATIONS
 from lightning_approxbp.conversion.activations import (
     function_attributes,
@@ -58,13 +57,6 @@ class _Decision:
     dtype_policy: str = "input"
     consumers: list[nn.Module] = field(default_factory=list)
     reason: str = ""
-
-
-def _warn_once_per_job(message: str) -> None:
-    """Warn on the first process only, so that a multi-process job says it once."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:
-        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _is_converted(module: nn.Module) -> bool:
@@ -202,7 +194,9 @@ class _Conversion:
         if decision.strategy is None:
             self.report.add(site.fqn, kind, "skipped", reason=decision.reason)
             return
-        new = build_converted_norm(site.module, spec, decision.strategy, decision.dtype_policy)
+        new = build_converted_norm(
+            site.module, spec, decision.strategy, decision.dtype_policy, min_keep_weight=self.config.min_keep_weight
+        )
         self.log.replace_site(site, new)
         strategy = f"{spec.kind} {decision.strategy}, output={decision.dtype_policy}"
         self.report.add(site.fqn, kind, "converted", strategy, decision.reason)
@@ -305,6 +299,11 @@ def convert(
     reference = conversion.trace(probe) if probe is not None and conversion.norms else None
     if probe is not None and reference is None and (conversion.activations or conversion.function_activations):
         reference = run_probe(module, probe)
+    if reference is not None and not any(t.numel() for t in reference.outputs):
+        raise ValueError(
+            f"ApproxBP: the probe ({report.probe}) produced no output elements (an empty batch?), so nothing "
+            "could be traced or verified. Pass a batch with at least one sample; the model was not changed."
+        )
     conversion.apply()
     if probe is None:
         if conversion.norms:
@@ -321,7 +320,7 @@ def convert(
         if config.verify:
             conversion.verify(reference, converted)
     if not report.rows or not (report.converted or any(r.action == "unchanged" for r in report.rows)):
-        _warn_once_per_job(
+        warn_rank_zero(
             f"ApproxBP: nothing to convert in {type(module).__name__} (no GELU/SiLU-family activation or "
             "LayerNorm/RMSNorm that can be converted exactly); the model is unchanged."
         )

@@ -81,11 +81,15 @@ CONSUMER_KINDS: dict[type[nn.Module], ConsumerKind] = {
 }
 
 
-def _register_transformers_conv1d() -> None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return
+MERGED_TYPES: list[type[nn.Module]] = [AffineMergedLinear]
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:
+    Conv1D = None
+
+if Conv1D is not None:
+    # Defined at module level (not inside a function) so that converted models pickle.
 
     class AffineMergedConv1D(Conv1D):
         """transformers ``Conv1D`` (``weight`` is ``in x out``) that applies its input norm's affine."""
@@ -99,7 +103,7 @@ def _register_transformers_conv1d() -> None:
         def extra_repr(self) -> str:
             return "approxbp: applies the affine of its input norm"
 
-    def build(conv: nn.Module, norm: nn.Module) -> nn.Module:
+    def _merged_conv1d(conv: nn.Module, norm: nn.Module) -> nn.Module:
         new = AffineMergedConv1D.__new__(AffineMergedConv1D)
         nn.Module.__init__(new)
         new.__dict__.update({k: v for k, v in vars(conv).items() if not k.startswith("_") and k != "training"})
@@ -108,15 +112,11 @@ def _register_transformers_conv1d() -> None:
         new.train(conv.training)
         return new
 
-    def reads(func: Callable, args: tuple, kwargs: dict, module: nn.Module, tensor: Tensor) -> bool:
+    def _conv1d_reads(func: Callable, args: tuple, kwargs: dict, module: nn.Module, tensor: Tensor) -> bool:
         return func is torch.addmm and len(args) > 2 and args[1] is tensor and args[2] is module.weight
 
-    CONSUMER_KINDS[Conv1D] = ConsumerKind("Conv1D", torch.addmm, reads, build)
+    CONSUMER_KINDS[Conv1D] = ConsumerKind("Conv1D", torch.addmm, _conv1d_reads, _merged_conv1d)
     MERGED_TYPES.append(AffineMergedConv1D)
-
-
-MERGED_TYPES: list[type[nn.Module]] = [AffineMergedLinear]
-_register_transformers_conv1d()
 
 
 def consumer_kind(module: nn.Module) -> ConsumerKind | None:

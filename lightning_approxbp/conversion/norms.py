@@ -22,11 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_approxbp._warnings import warn_rank_zero
+from lightning_approxbp.conversion.config import DEFAULT_MIN_KEEP_WEIGHT
 from lightning_approxbp.functional import ms_layer_norm, ms_rms_norm
 from lightning_approxbp.nn import MSLayerNorm, MSRMSNorm
-from lightning_approxbp.ops.ms_norm import DEFAULT_WEIGHT_CLAMP
+from lightning_approxbp.ops.ms_norm import DEFAULT_WEIGHT_CLAMP, resolve_output_dtype
 
 STRATEGIES: tuple[str, ...] = ("merge", "keep", "plain")
 DTYPE_POLICIES: tuple[str, ...] = ("autocast", "input")
@@ -139,6 +142,37 @@ class ConvertedNorm:
 
     strategy: str
     dtype_policy: str
+    min_keep_weight: float
+    # Set once a kept affine's weight was found unsafe: from then on this norm saves its input
+    # like a stock norm (exact), instead of recovering x_hat from its output.
+    exact_fallback: bool = False
+    _checked_weight: tuple[int, int] | None = None
+
+    def _keeps_unsafe_affine(self) -> bool:
+        """Whether the kept affine's ``|weight + offset|`` fell below ``min_keep_weight``.
+
+        Checked when the weight changes (its version counter moves at every optimizer step):
+        one scalar read per kept-affine norm per step; merged and plain norms never check.
+        """
+        if self.strategy != "keep" or self.exact_fallback or self.weight is None:  # type: ignore[attr-defined]
+            return self.exact_fallback
+        weight: Tensor = self.weight  # type: ignore[attr-defined]
+        version = (weight.data_ptr(), weight._version)
+        if version != self._checked_weight:
+            self._checked_weight = version
+            smallest = (weight.detach().float() + getattr(self, "offset", 0.0)).abs().min().item()
+            if smallest < self.min_keep_weight:
+                self.exact_fallback = True
+                warn_rank_zero(
+                    f"ApproxBP: a norm that keeps its affine ({type(self).__name__}, {self.normalized_shape}) now has "  # type: ignore[attr-defined]
+                    f"min |weight| = {smallest:.1e} < min_keep_weight = {self.min_keep_weight:g}; recovering its input "
+                    "from its output would lose precision, so it now saves its input like a stock norm (exact, "
+                    "no memory saving for this norm)."
+                )
+        return self.exact_fallback
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        return y.to(resolve_output_dtype(x, self._output_dtype(x)))
 
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
         if self.strategy == "merge":
@@ -150,13 +184,16 @@ class ConvertedNorm:
 
     def extra_repr(self) -> str:
         # Cooperative: the norm class after this mixin in the MRO supplies the shape and eps.
-        return f"{super().extra_repr()}, approxbp: affine={self.strategy}, output={self.dtype_policy}"  # type: ignore[misc]
+        text = f"{super().extra_repr()}, approxbp: affine={self.strategy}, output={self.dtype_policy}"  # type: ignore[misc]
+        return text + (", exact fallback (unsafe weight)" if self.exact_fallback else "")
 
 
 class ConvertedLayerNorm(ConvertedNorm, MSLayerNorm):
     """The :class:`~lightning_approxbp.nn.MSLayerNorm` that a conversion puts in place of a LayerNorm."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._keeps_unsafe_affine():
+            return self._output(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps), x)
         weight, bias = self._affine()
         return ms_layer_norm(
             x, self.normalized_shape, weight, bias, self.eps,
@@ -168,6 +205,10 @@ class ConvertedRMSNorm(ConvertedNorm, MSRMSNorm):
     """The :class:`~lightning_approxbp.nn.MSRMSNorm` that a conversion puts in place of an RMSNorm."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._keeps_unsafe_affine():
+            wide = x.float()
+            y = wide * torch.rsqrt(wide.pow(2).mean(dim=tuple(range(-len(self.normalized_shape), 0)), keepdim=True) + self.eps)
+            return self._output(y * (self.weight.float() + self.offset), x)
         weight, _ = self._affine()
         return ms_rms_norm(
             x, self.normalized_shape, weight, self.eps,
@@ -175,8 +216,14 @@ class ConvertedRMSNorm(ConvertedNorm, MSRMSNorm):
         )
 
 
-def build_converted_norm(original: nn.Module, spec: NormSpec, strategy: str, dtype_policy: str) -> nn.Module:
-    """A converted norm that shares ``original``'s parameters (same names, same objects)."""
+def build_converted_norm(
+    original: nn.Module, spec: NormSpec, strategy: str, dtype_policy: str, min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT
+) -> nn.Module:
+    """A converted norm that shares ``original``'s parameters (same names, same objects).
+
+    ``min_keep_weight``: under ``"keep"``, the smallest ``|weight + offset|`` the norm accepts
+    at run time before it falls back to saving its input (exact).
+    """
     if strategy not in STRATEGIES or dtype_policy not in DTYPE_POLICIES:
         raise ValueError(f"Unknown strategy {strategy!r} or output dtype policy {dtype_policy!r}.")
     cls = ConvertedLayerNorm if spec.centered else ConvertedRMSNorm
@@ -190,6 +237,7 @@ def build_converted_norm(original: nn.Module, spec: NormSpec, strategy: str, dty
     new.offset = spec.offset
     new.strategy = strategy
     new.dtype_policy = dtype_policy
+    new.min_keep_weight = min_keep_weight
     new.weight = original.weight if spec.has_weight else None
     if spec.centered:
         new.bias = original.bias if spec.has_bias else None

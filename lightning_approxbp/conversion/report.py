@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,7 +24,8 @@ ACTIONS: tuple[str, ...] = ("converted", "skipped", "unchanged")
 _COLUMNS: tuple[tuple[str, str], ...] = (
     ("fqn", "module"), ("kind", "kind"), ("action", "action"), ("strategy", "strategy"), ("reason", "reason")
 )
-_MAX_REASON = 90
+# Long reasons wrap onto continuation lines (never cut): the whole reason is the point.
+_REASON_WIDTH = 90
 
 
 @dataclass
@@ -105,9 +107,9 @@ class ConversionReport:
         table = [[h for _, h in _COLUMNS]]
         for row in self.rows:
             cells = [str(getattr(row, key)) for key, _ in _COLUMNS]
-            if len(cells[-1]) > _MAX_REASON:
-                cells[-1] = cells[-1][: _MAX_REASON - 3] + "..."
-            table.append(cells)
+            reason_lines = textwrap.wrap(cells[-1], _REASON_WIDTH, break_long_words=False) or [""]
+            table.append([*cells[:-1], reason_lines[0]])
+            table.extend([*([""] * (len(cells) - 1)), line] for line in reason_lines[1:])
         widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
         lines = [f"ApproxBP conversion (probe: {self.probe})"]
         for index, line in enumerate(table):

@@ -103,7 +103,8 @@ def _step_activation_launches() -> Iterator[KernelLaunch]:
             table = get_table(activation, bits)
             yield kernels.plan_forward(x, list(table.thresholds), activation, bits)[0]
         codes = torch.empty(packed_size(_ELEMENTS, bits), dtype=torch.uint8, device="meta")
-        yield kernels.plan_backward(x, codes, list(get_table("gelu", bits).levels), bits)[0]
+        nonfinite = torch.empty(1, dtype=torch.int32, device="meta")
+        yield kernels.plan_backward(x, codes, nonfinite, list(get_table("gelu", bits).levels), bits)[0]
 
 
 def _ms_norm_launches() -> Iterator[KernelLaunch]:

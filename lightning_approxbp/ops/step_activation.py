@@ -4,8 +4,15 @@ Forward computes the original activation exactly and, per element, the index of 
 threshold interval it falls in, packed ``8 // bits`` codes per byte (lowest bits first).
 Backward multiplies the incoming gradient by ``levels[code]``.
 
-Saved for backward: the packed codes only, ``ceil(numel * bits / 8)`` bytes. The input and the
-output are not kept (the table lives on the autograd context as Python numbers).
+Saved for backward: the packed codes, ``ceil(numel * bits / 8)`` bytes, and one int32 count of
+non-finite inputs (4 bytes). The input and the output are not kept (the table lives on the
+autograd context as Python numbers).
+
+Non-finite inputs: exact backprop gives a NaN gradient at a NaN or infinite input, which then
+spreads through the previous layer's weight gradient, so divergence shows and fp16 loss
+scaling skips the step. The codes cannot say which elements were non-finite, so when the count
+is not zero the whole input gradient of this call is NaN: the same end state for the weights,
+without a host synchronisation or extra memory.
 """
 
 from __future__ import annotations
@@ -81,15 +88,16 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
     return (spread & byte_mask).view(torch.uint8)[:numel]
 
 
-def _torch_forward(x: Tensor, thresholds: list[float], activation: str, bits: int) -> tuple[Tensor, Tensor]:
+def _torch_forward(x: Tensor, thresholds: list[float], activation: str, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     # Compare in fp32: a bf16 comparison would round the thresholds and change codes.
     flat = x.reshape(-1).to(compute_dtype(x.dtype))
+    nonfinite = (~torch.isfinite(flat)).sum(dtype=torch.int32).reshape(1)
     bounds = table_tensor(tuple(thresholds), x.device, compute_dtype(x.dtype))
     # A bool tensor viewed as uint8 is its 0/1 values without a conversion pass.
     codes = (flat > bounds[0]).view(torch.uint8)
     for threshold in bounds[1:]:
         codes = codes + (flat > threshold).view(torch.uint8)
-    return exact_activation(x, activation), pack_codes(codes, bits)
+    return exact_activation(x, activation), pack_codes(codes, bits), nonfinite
 
 
 @lru_cache(maxsize=64)
@@ -105,8 +113,11 @@ def byte_levels(levels: tuple[float, ...], bits: int, device: torch.device, dtyp
     return torch.tensor(rows, dtype=dtype, device=device)
 
 
-def _torch_backward(grad_output: Tensor, packed: Tensor, levels: list[float], bits: int) -> Tensor:
+def _torch_backward(grad_output: Tensor, packed: Tensor, nonfinite: Tensor, levels: list[float], bits: int) -> Tensor:
     table = byte_levels(tuple(levels), bits, grad_output.device, compute_dtype(grad_output.dtype))
+    # A non-finite input anywhere poisons the whole gradient (see the module docstring); on the
+    # 256-row table, so it costs no pass over the gradient.
+    table = torch.where(nonfinite > 0, float("nan"), table)
     multiplier = table.index_select(0, packed.long()).view(-1)[: grad_output.numel()]
     return (grad_output.to(multiplier.dtype) * multiplier.view(grad_output.shape)).to(grad_output.dtype)
 
@@ -115,34 +126,39 @@ def _torch_backward(grad_output: Tensor, packed: Tensor, levels: list[float], bi
 
 
 @torch.library.custom_op("approxbp::step_activation_forward", mutates_args=())
-def step_activation_forward(x: Tensor, thresholds: list[float], activation: str, bits: int) -> tuple[Tensor, Tensor]:
-    """Returns (activation output with the shape of ``x``, packed codes)."""
+def step_activation_forward(
+    x: Tensor, thresholds: list[float], activation: str, bits: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (activation output with the shape of ``x``, packed codes, count of non-finite inputs)."""
     x = x.contiguous()
     if x.numel() == 0:
-        return torch.empty_like(x), torch.empty(0, dtype=torch.uint8, device=x.device)
+        empty_codes = torch.empty(0, dtype=torch.uint8, device=x.device)
+        return torch.empty_like(x), empty_codes, torch.zeros(1, dtype=torch.int32, device=x.device)
     run = dispatch(OP_NAME, x, _torch_forward, f"{_TRITON_KERNELS}:forward")
     return run(x, thresholds, activation, bits)
 
 
 @step_activation_forward.register_fake
-def _(x: Tensor, thresholds: list[float], activation: str, bits: int) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, thresholds: list[float], activation: str, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return y, x.new_empty(packed_size(x.numel(), bits), dtype=torch.uint8)
+    return y, x.new_empty(packed_size(x.numel(), bits), dtype=torch.uint8), x.new_empty(1, dtype=torch.int32)
 
 
 @torch.library.custom_op("approxbp::step_activation_backward", mutates_args=())
-def step_activation_backward(grad_output: Tensor, packed: Tensor, levels: list[float], bits: int) -> Tensor:
-    """Returns ``grad_output * levels[code]``."""
+def step_activation_backward(
+    grad_output: Tensor, packed: Tensor, nonfinite: Tensor, levels: list[float], bits: int
+) -> Tensor:
+    """Returns ``grad_output * levels[code]`` (all NaN when ``nonfinite`` counts any input)."""
     # Incoming gradients can be expanded stride-0 views: kernels index by flat offset.
     grad_output = grad_output.contiguous()
     if grad_output.numel() == 0:
         return torch.empty_like(grad_output)
     run = dispatch(OP_NAME, grad_output, _torch_backward, f"{_TRITON_KERNELS}:backward")
-    return run(grad_output, packed, levels, bits)
+    return run(grad_output, packed, nonfinite, levels, bits)
 
 
 @step_activation_backward.register_fake
-def _(grad_output: Tensor, packed: Tensor, levels: list[float], bits: int) -> Tensor:
+def _(grad_output: Tensor, packed: Tensor, nonfinite: Tensor, levels: list[float], bits: int) -> Tensor:
     return torch.empty(grad_output.shape, dtype=grad_output.dtype, device=grad_output.device)
 
 
@@ -152,24 +168,25 @@ def _(grad_output: Tensor, packed: Tensor, levels: list[float], bits: int) -> Te
 class StepActivationFunction(torch.autograd.Function):
     """Exact activation forward, step-function derivative backward.
 
-    Saves for backward: the packed k-bit codes only. Recomputes nothing.
+    Saves for backward: the packed k-bit codes and a 4-byte count of non-finite inputs.
+    Recomputes nothing.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: Tensor, table: StepTable) -> Tensor:  # type: ignore[override]
-        y, packed = step_activation_forward(x, list(table.thresholds), table.activation, table.bits)
-        ctx.save_for_backward(packed)
+        y, packed, nonfinite = step_activation_forward(x, list(table.thresholds), table.activation, table.bits)
+        ctx.save_for_backward(packed, nonfinite)
         ctx.table = table
         return y
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
-        (packed,) = ctx.saved_tensors
+        packed, nonfinite = ctx.saved_tensors
         table: StepTable = ctx.table
         with torch.no_grad():
-            grad_input = step_activation_backward(grad_output, packed, list(table.levels), table.bits)
+            grad_input = step_activation_backward(grad_output, packed, nonfinite, list(table.levels), table.bits)
         (grad_input,) = guard_double_backward((grad_input,), grad_output, OP_NAME)
         return grad_input, None
 

@@ -54,6 +54,7 @@ def _step_activation_fwd_kernel(
     X_ptr,
     Y_ptr,
     CODES_ptr,
+    NONFINITE_ptr,
     THRESHOLDS_ptr,
     n_elements,
     n_bytes,
@@ -72,6 +73,9 @@ def _step_activation_fwd_kernel(
     x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     y = _activation(x, ACTIVATION)
     tl.store(Y_ptr + offsets, y.to(Y_ptr.dtype.element_ty), mask=mask)
+    nonfinite = tl.sum(tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1), axis=0)
+    if nonfinite > 0:
+        tl.atomic_add(NONFINITE_ptr, nonfinite)
 
     code = tl.zeros([BLOCK_BYTES, CODES_PER_BYTE], dtype=tl.int32)
     for j in tl.static_range(N_THRESHOLDS):
@@ -86,6 +90,7 @@ def _step_activation_fwd_kernel(
 def _step_activation_bwd_kernel(
     DY_ptr,
     CODES_ptr,
+    NONFINITE_ptr,
     LEVELS_ptr,
     DX_ptr,
     n_elements,
@@ -104,6 +109,8 @@ def _step_activation_bwd_kernel(
     packed = tl.load(CODES_ptr + byte_offsets, mask=byte_offsets < n_bytes, other=0).to(tl.int32)
     code = (packed[:, None] >> (slots * BITS)[None, :]) & CODE_MASK
     level = tl.load(LEVELS_ptr + code)
+    # Any non-finite input of the forward poisons the whole gradient, as in the PyTorch path.
+    level = tl.where(tl.load(NONFINITE_ptr) > 0, float("nan"), level)
     dy = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(DX_ptr + offsets, (dy * level).to(DX_ptr.dtype.element_ty), mask=mask)
 
@@ -114,12 +121,14 @@ def _block_bytes(bits: int) -> int:
 
 def plan_forward(
     x: Tensor, thresholds: list[float], activation: str, bits: int
-) -> tuple[KernelLaunch, Tensor, Tensor]:
-    """The forward launch for a contiguous, non-empty ``x``, and its (output, codes) buffers."""
+) -> tuple[KernelLaunch, Tensor, Tensor, Tensor]:
+    """The forward launch for a contiguous, non-empty ``x``, and its (output, codes, non-finite
+    count) buffers."""
     n_bytes = packed_size(x.numel(), bits)
     block_bytes = _block_bytes(bits)
     y = torch.empty_like(x)
     codes = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=x.device)
     launch = KernelLaunch(
         kernel=_step_activation_fwd_kernel,
         grid=(triton.cdiv(n_bytes, block_bytes),),
@@ -127,6 +136,7 @@ def plan_forward(
             "X_ptr": x,
             "Y_ptr": y,
             "CODES_ptr": codes,
+            "NONFINITE_ptr": nonfinite,
             "THRESHOLDS_ptr": table_tensor(tuple(thresholds), x.device, torch.float32),
             "n_elements": x.numel(),
             "n_bytes": n_bytes,
@@ -139,11 +149,11 @@ def plan_forward(
         },
         num_warps=NUM_WARPS,
     )
-    return launch, y, codes
+    return launch, y, codes, nonfinite
 
 
 def plan_backward(
-    grad_output: Tensor, packed: Tensor, levels: list[float], bits: int
+    grad_output: Tensor, packed: Tensor, nonfinite: Tensor, levels: list[float], bits: int
 ) -> tuple[KernelLaunch, Tensor]:
     """The backward launch for a contiguous, non-empty ``grad_output``, and its result buffer."""
     grad_input = torch.empty_like(grad_output)
@@ -155,6 +165,7 @@ def plan_backward(
         args={
             "DY_ptr": grad_output,
             "CODES_ptr": packed,
+            "NONFINITE_ptr": nonfinite,
             "LEVELS_ptr": table_tensor(tuple(levels), grad_output.device, torch.float32),
             "DX_ptr": grad_input,
             "n_elements": grad_output.numel(),
@@ -166,15 +177,16 @@ def plan_backward(
     return launch, grad_input
 
 
-def forward(x: Tensor, thresholds: list[float], activation: str, bits: int) -> tuple[Tensor, Tensor]:
-    """Run the forward kernel on a contiguous, non-empty ``x``; returns (output, packed codes)."""
-    launch, y, codes = plan_forward(x, thresholds, activation, bits)
+def forward(x: Tensor, thresholds: list[float], activation: str, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the forward kernel on a contiguous, non-empty ``x``; returns (output, packed codes,
+    non-finite count)."""
+    launch, y, codes, nonfinite = plan_forward(x, thresholds, activation, bits)
     launch.run()
-    return y, codes
+    return y, codes, nonfinite
 
 
-def backward(grad_output: Tensor, packed: Tensor, levels: list[float], bits: int) -> Tensor:
+def backward(grad_output: Tensor, packed: Tensor, nonfinite: Tensor, levels: list[float], bits: int) -> Tensor:
     """Run the backward kernel on a contiguous, non-empty ``grad_output``."""
-    launch, grad_input = plan_backward(grad_output, packed, levels, bits)
+    launch, grad_input = plan_backward(grad_output, packed, nonfinite, levels, bits)
     launch.run()
     return grad_input

@@ -132,3 +132,23 @@ def test_console_script_help(tmp_path: Path) -> None:
     result = _run("approxbp", "fit", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "--config" in result.stdout
+
+
+def test_a_misspelled_option_gets_a_short_error_with_the_closest_options(
+    tiny_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(tiny_config), "--trainer.max_epohcs=1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --trainer.max_epohcs=1" in err
+    assert "did you mean --trainer.max_epochs" in err
+    assert len(err.strip().splitlines()) <= 5  # not the ~50-line usage dump
+
+
+def test_only_the_recipes_a_config_names_are_imported() -> None:
+    config = REPO / "configs" / "approxbp.yaml"
+    assert cli.recipe_modules_named_in(["fit", "--config", str(config)]) == [
+        "lightning_approxbp.recipes.text_classification"
+    ]
+    assert cli.recipe_modules_named_in(["fit", "--model", "BoringModel"]) == []

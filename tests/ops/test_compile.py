@@ -63,11 +63,11 @@ def test_every_op_passes_opcheck_forward_and_backward(backend):
     x = torch.randn(3, 8, device=device)
     weight, bias = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
     with use_backend(backend):
-        y, packed = ops.step_activation_forward(x.reshape(-1), [-0.5, 0.0, 0.5], "gelu", 2)
+        y, packed, nonfinite = ops.step_activation_forward(x.reshape(-1), [-0.5, 0.0, 0.5], "gelu", 2)
         norm_out, rstd = ops.ms_norm_forward(x, weight, bias, 1e-5, True, 0.0, torch.float32)
         cases = [
             (ops.step_activation_forward.default, (x.reshape(-1), [-0.5, 0.0, 0.5], "gelu", 2)),
-            (ops.step_activation_backward.default, (torch.randn(24, device=device), packed, [0.0, 0.3, 0.7, 1.0], 2)),
+            (ops.step_activation_backward.default, (torch.randn(24, device=device), packed, nonfinite, [0.0, 0.3, 0.7, 1.0], 2)),
             (ops.ms_norm_forward.default, (x, weight, bias, 1e-5, True, 0.0, torch.float32)),
             (ops.ms_norm_forward.default, (x, None, None, 1e-6, False, 0.0, torch.bfloat16)),
             (

@@ -40,7 +40,7 @@ def test_codes_are_bit_identical(bits, numel):
     packed = {}
     for backend in ("torch", "triton"):
         with use_backend(backend):
-            _, packed[backend] = step_activation_forward(x, list(table.thresholds), "gelu", bits)
+            _, packed[backend], _ = step_activation_forward(x, list(table.thresholds), "gelu", bits)
     assert torch.equal(packed["torch"], packed["triton"])
 
 
@@ -105,10 +105,13 @@ def test_ms_norm_kernels_agree(dtype, n_rows, n_cols, kind, affine, row_kernel):
     tolerance = interpreter_rounding_tolerance(dtype)
     torch.testing.assert_close(forward["triton"][0], y, **tolerance)
     torch.testing.assert_close(forward["triton"][1], rstd)
+    # fp32: summation order only (the grads are sums over a row or over rows); 16-bit: one unit
+    # of the output dtype, which is where the paths may round differently.
+    grad_tolerance = {"rtol": 1e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": tolerance["rtol"], "atol": 1e-4}
     names = ("grad_input", "grad_weight", "grad_bias")
     for name, ours, theirs in zip(names, backward["triton"], backward["torch"]):
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
-        torch.testing.assert_close(ours, theirs, rtol=max(tolerance["rtol"], 1e-4), atol=1e-4, msg=name)
+        torch.testing.assert_close(ours, theirs, **grad_tolerance, msg=name)
 
 
 def test_ms_norm_emits_the_requested_dtype_on_triton():
