@@ -24,6 +24,7 @@ from lightning_approxbp.conversion.norms import (
     build_converted_norm,
     detect_norm,
     gamma,
+    why_not_a_norm,
 )
 from lightning_approxbp.conversion.probe import (
     ProbeFn,
@@ -130,6 +131,8 @@ class _Conversion:
                 continue
             if self.config.norms and (spec := detect_norm(module)) is not None:
                 self._add_norm(site, spec)
+            elif self.config.norms and (reason := why_not_a_norm(module)) is not None:
+                self.report.add(site.fqn, type(module).__name__, "skipped", reason=reason)
             elif self.config.activations:
                 self._add_activation(site)
 

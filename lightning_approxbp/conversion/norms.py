@@ -39,10 +39,13 @@ _CANDIDATE_FORMS: tuple[tuple[bool, float], ...] = ((False, 0.0), (False, 1.0), 
 
 @dataclass(frozen=True)
 class NormSpec:
-    """What a norm computes: ``(x - mean if centered) * rstd * (weight + offset) + bias``."""
+    """What a norm computes: ``(x - mean if centered) * rstd * (weight + offset) + bias``.
+
+    ``eps=None`` is ``torch.nn.RMSNorm``'s default: the machine epsilon of the input's dtype.
+    """
 
     normalized_shape: tuple[int, ...]
-    eps: float
+    eps: float | None
     centered: bool
     offset: float
     has_weight: bool
@@ -60,9 +63,13 @@ def _spec_layer_norm(module: nn.Module) -> NormSpec | None:
 
 
 def _spec_rms_norm(module: nn.Module) -> NormSpec | None:
-    if module.eps is None:  # torch then uses finfo(dtype).eps, which depends on the input
-        return None
-    return NormSpec(tuple(module.normalized_shape), float(module.eps), False, 0.0, module.weight is not None, False)
+    eps = None if module.eps is None else float(module.eps)
+    return NormSpec(tuple(module.normalized_shape), eps, False, 0.0, module.weight is not None, False)
+
+
+def resolve_eps(eps: float | None, x: Tensor) -> float:
+    """``eps``, or the machine epsilon of ``x``'s dtype for ``None`` (as ``torch.nn.RMSNorm``)."""
+    return torch.finfo(x.dtype).eps if eps is None else eps
 
 
 # Exact types read directly; anything else goes through the structural check.
@@ -88,9 +95,10 @@ def _structural_spec(module: nn.Module, centered: bool, offset: float) -> NormSp
 def reference_output(spec: NormSpec, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """What the memory-sharing op computes for ``spec`` (no autograd)."""
     with torch.no_grad():
+        eps = resolve_eps(spec.eps, x)
         if spec.centered:
-            return ms_layer_norm(x, spec.normalized_shape, weight, bias, spec.eps)
-        return ms_rms_norm(x, spec.normalized_shape, weight, spec.eps, offset=spec.offset)
+            return ms_layer_norm(x, spec.normalized_shape, weight, bias, eps)
+        return ms_rms_norm(x, spec.normalized_shape, weight, eps, offset=spec.offset)
 
 
 def _matches(module: nn.Module, spec: NormSpec) -> bool:
@@ -122,6 +130,31 @@ def detect_norm(module: nn.Module) -> NormSpec | None:
         if spec is not None and _matches(module, spec):
             return spec
     return None
+
+
+_OTHER_NORMALISATIONS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def why_not_a_norm(module: nn.Module) -> str | None:
+    """For a module that looks like a normalisation but :func:`detect_norm` rejected: why.
+
+    ``None`` for modules that do not look like one (they are not reported).
+    """
+    name = type(module).__name__
+    if isinstance(module, _OTHER_NORMALISATIONS):
+        return f"{name} normalises over the batch, groups or channels; only LayerNorm/RMSNorm forms share memory"
+    looks_like_norm = "Norm" in name or any(hasattr(module, a) for a in _EPS_ATTRIBUTES)
+    if not looks_like_norm or next(module.children(), None) is not None:
+        return None
+    return (
+        "its output matches none of the forms the memory-sharing norms compute (LayerNorm, RMSNorm, RMSNorm with "
+        "1 + weight over the last axes, with a float eps)"
+    )
 
 
 def gamma(module: nn.Module, offset: float) -> Tensor | None:
@@ -207,11 +240,12 @@ class ConvertedRMSNorm(ConvertedNorm, MSRMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         if self._keeps_unsafe_affine():
             wide = x.float()
-            y = wide * torch.rsqrt(wide.pow(2).mean(dim=tuple(range(-len(self.normalized_shape), 0)), keepdim=True) + self.eps)
+            axes = tuple(range(-len(self.normalized_shape), 0))
+            y = wide * torch.rsqrt(wide.pow(2).mean(dim=axes, keepdim=True) + resolve_eps(self.eps, x))
             return self._output(y * (self.weight.float() + self.offset), x)
         weight, _ = self._affine()
         return ms_rms_norm(
-            x, self.normalized_shape, weight, self.eps,
+            x, self.normalized_shape, weight, resolve_eps(self.eps, x),
             offset=self.offset, output_dtype=self._output_dtype(x), weight_clamp=self.weight_clamp,
         )
 
