@@ -59,6 +59,7 @@ class ApproxBP(Callback):
     Args:
         activations: convert activations.
         norms: convert norms.
+        gated_mlp: fuse gated MLPs' down projections (saves gate and up outputs only; exact).
         bits: bits per activation element (1, 2 or 4).
         table: ``"fitted"``, ``"paper"`` or a :class:`~lightning_approxbp.tables.StepTable`.
         affine: ``"auto"``, ``"merge"`` or ``"keep"``; see
@@ -90,6 +91,7 @@ class ApproxBP(Callback):
         self,
         activations: bool = True,
         norms: bool = True,
+        gated_mlp: bool = True,
         bits: int = 2,
         table: StepTable | str = "fitted",
         affine: str = "auto",
@@ -103,6 +105,7 @@ class ApproxBP(Callback):
         options = {
             "activations": activations,
             "norms": norms,
+            "gated_mlp": gated_mlp,
             "bits": bits,
             "table": table,
             "affine": affine,

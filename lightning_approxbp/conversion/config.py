@@ -18,6 +18,9 @@ class ConversionConfig:
     Args:
         activations: convert GELU/SiLU-family activations to step-derivative ones.
         norms: convert LayerNorm/RMSNorm modules to memory-sharing ones.
+        gated_mlp: fuse the down projection of gated MLPs (SwiGLU/GeGLU: LLaMA, Mistral, Qwen2,
+            Gemma, ...) so that only the gate and up outputs are saved; exact gradients, their
+            activation is not approximated.
         bits: bits saved per activation element (1, 2 or 4).
         table: ``"fitted"``, ``"paper"`` (2 bits, GELU and SiLU only) or a
             :class:`~lightning_approxbp.tables.StepTable` (then one activation kind only).
@@ -38,6 +41,7 @@ class ConversionConfig:
 
     activations: bool = True
     norms: bool = True
+    gated_mlp: bool = True
     bits: int = 2
     table: StepTable | str = "fitted"
     affine: str = "auto"
@@ -46,8 +50,10 @@ class ConversionConfig:
     tolerance: float | None = None
 
     def __post_init__(self) -> None:
-        if not (self.activations or self.norms):
-            raise ValueError("activations=False and norms=False leave nothing to convert; enable at least one.")
+        if not (self.activations or self.norms or self.gated_mlp):
+            raise ValueError(
+                "activations=False, norms=False and gated_mlp=False leave nothing to convert; enable at least one."
+            )
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}.")
         if isinstance(self.table, StepTable):

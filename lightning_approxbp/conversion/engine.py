@@ -17,6 +17,12 @@ from lightning_approxbp.conversion.activations import (
 )
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses
+from lightning_approxbp.conversion.gated_mlp import (
+    FusedGatedMLP,
+    GatedMLPSpec,
+    build_fused_gated_mlp,
+    detect_gated_mlp,
+)
 from lightning_approxbp.conversion.merged import is_merged, merge_into
 from lightning_approxbp.conversion.norms import (
     ConvertedNorm,
@@ -61,7 +67,7 @@ class _Decision:
 
 
 def _is_converted(module: nn.Module) -> bool:
-    return isinstance(module, (StepActivation, ConvertedNorm)) or is_merged(module)
+    return isinstance(module, (StepActivation, ConvertedNorm, FusedGatedMLP)) or is_merged(module)
 
 
 def _features(spec: NormSpec) -> int | None:
@@ -119,15 +125,24 @@ class _Conversion:
         self.norms: list[_NormCandidate] = []
         self.activations: list[tuple[Site, str]] = []
         self.function_activations: list[tuple[Site, str, str]] = []
+        self.gated_mlps: list[tuple[Site, GatedMLPSpec]] = []
+        # Activations computed exactly inside a fused gated MLP: not converted on their own.
+        self.fused_activations: set[int] = set()
 
     # ----------------------------------------------------------------------- collect
     def collect(self) -> None:
         for site in self.sites:
             module = site.module
+            if id(module) in self.fused_activations:
+                continue
             if _is_converted(module):
                 self.report.add(site.fqn, type(module).__name__, "unchanged", reason="already converted")
+                if isinstance(module, FusedGatedMLP):
+                    self._skip_fused_activation(module, module.spec)
                 continue
             if self.filter is not None and not self.filter(module, site.fqn):
+                continue
+            if self.config.gated_mlp and self._add_gated_mlp(site):
                 continue
             if self.config.norms and (spec := detect_norm(module)) is not None:
                 self._add_norm(site, spec)
@@ -135,6 +150,21 @@ class _Conversion:
                 self.report.add(site.fqn, type(module).__name__, "skipped", reason=reason)
             elif self.config.activations:
                 self._add_activation(site)
+
+    def _add_gated_mlp(self, site: Site) -> bool:
+        """Record a fusable gated MLP (True), or report why a gated MLP cannot be fused."""
+        spec, why_not = detect_gated_mlp(site.module)
+        if why_not is not None:
+            self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=f"gated MLP not fused: {why_not}")
+        if spec is None or not site.holders:
+            return False
+        self.gated_mlps.append((site, spec))
+        self._skip_fused_activation(site.module, spec)
+        return True
+
+    def _skip_fused_activation(self, mlp: nn.Module, spec: GatedMLPSpec) -> None:
+        if spec.activation_child is not None:
+            self.fused_activations.add(id(getattr(mlp, spec.activation_child)))
 
     def _add_norm(self, site: Site, spec: NormSpec) -> None:
         if not site.holders:
@@ -187,6 +217,13 @@ class _Conversion:
             self.report.add(label, kind, "converted", self._step_label(name))
         for candidate in self.norms:
             self._apply_norm(candidate)
+        # After the norms: a merged gate/up projection is then the child the fused MLP holds.
+        for site, spec in self.gated_mlps:
+            self.log.replace_site(site, build_fused_gated_mlp(site.module, spec))
+            self.report.add(
+                site.fqn, type(site.module).__name__, "converted", f"fused gated MLP ({spec.activation})",
+                f"saves the {spec.gate} and {spec.up} outputs only; exact gradients",
+            )
         order = {site.fqn: index for index, site in enumerate(self.sites)}
         self.report.rows.sort(key=lambda row: order.get(row.fqn, order.get(row.fqn.rpartition(".")[0], len(order))))
 

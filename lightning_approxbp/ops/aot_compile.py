@@ -107,6 +107,16 @@ def _step_activation_launches() -> Iterator[KernelLaunch]:
         yield kernels.plan_backward(x, codes, nonfinite, list(get_table("gelu", bits).levels), bits)[0]
 
 
+def _gated_mlp_launches() -> Iterator[KernelLaunch]:
+    from lightning_approxbp.activations import ACTIVATIONS
+    from lightning_approxbp.ops import gated_mlp_triton as kernels
+
+    for dtype, activation in itertools.product(TRITON_DTYPES, ACTIVATIONS):
+        g = torch.empty(_ELEMENTS, dtype=dtype, device="meta")
+        yield kernels.plan_forward(g, torch.empty_like(g), activation)[0]
+        yield kernels.plan_backward(torch.empty_like(g), g, torch.empty_like(g), activation)[0]
+
+
 def _ms_norm_launches() -> Iterator[KernelLaunch]:
     from lightning_approxbp.ops import ms_norm_triton as kernels
 
@@ -166,13 +176,13 @@ def spec_for(launch: KernelLaunch) -> CompileSpec:
 def compile_specs() -> list[CompileSpec]:
     """Every distinct launch the ops can make, in a stable order."""
     specs: dict[str, CompileSpec] = {}
-    for launch in itertools.chain(_step_activation_launches(), _ms_norm_launches()):
+    for launch in itertools.chain(_step_activation_launches(), _gated_mlp_launches(), _ms_norm_launches()):
         spec = spec_for(launch)
         specs.setdefault(repr((spec.kernel_name, spec.signature, spec.constexprs, spec.attrs, spec.num_warps)), spec)
     return list(specs.values())
 
 
-_DATA_POINTERS = ("X_ptr", "Y_ptr", "DY_ptr", "DX_ptr")
+_DATA_POINTERS = ("X_ptr", "Y_ptr", "DY_ptr", "DX_ptr", "G_ptr", "DH_ptr")
 
 
 def _describe(signature: dict[str, str], constexprs: dict[str, Any]) -> tuple[str, str]:

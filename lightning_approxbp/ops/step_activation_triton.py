@@ -15,38 +15,13 @@ from torch import Tensor
 
 from lightning_approxbp.activations import get_activation
 from lightning_approxbp.ops._utils import packed_size, table_tensor
+from lightning_approxbp.ops.activation_triton import activation
 from lightning_approxbp.ops.kernel_launch import KernelLaunch
 
-# Globals read inside a kernel must be constexpr: the compiler refuses plain Python floats
-# (the interpreter accepts them, so only the ahead-of-time compile check catches this).
-_SQRT_HALF = tl.constexpr(0.7071067811865476)
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 # Elements per program, whatever the code width: 8 per thread at 8 warps, which keeps the
 # forward's fp32 input, output and codes in registers without spilling.
 ELEMENTS_PER_PROGRAM = 2048
 NUM_WARPS = 8
-
-
-@triton.jit
-def _sigmoid(z):
-    return 1.0 / (1.0 + tl.exp(-z))
-
-
-@triton.jit
-def _activation(x, ACTIVATION: tl.constexpr):
-    """The exact forward; ``ACTIVATION`` is the registry's ``kernel_id``."""
-    if ACTIVATION == 0:
-        y = 0.5 * x * (1.0 + tl.erf(x * _SQRT_HALF))
-    elif ACTIVATION == 1:
-        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
-        y = 0.5 * x * (1.0 + (2.0 * _sigmoid(2.0 * inner) - 1.0))
-    elif ACTIVATION == 2:
-        y = x * _sigmoid(x)
-    elif ACTIVATION == 3:
-        y = x * _sigmoid(1.702 * x)
-    else:
-        tl.static_assert(False, "an activation of the registry has no branch in the Triton kernel")
-    return y
 
 
 @triton.jit
@@ -71,7 +46,7 @@ def _step_activation_fwd_kernel(
     mask = offsets < n_elements
 
     x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    y = _activation(x, ACTIVATION)
+    y = activation(x, ACTIVATION)
     tl.store(Y_ptr + offsets, y.to(Y_ptr.dtype.element_ty), mask=mask)
     nonfinite = tl.sum(tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1), axis=0)
     if nonfinite > 0:

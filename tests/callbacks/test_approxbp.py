@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_approxbp import ApproxBP
+from lightning_approxbp.conversion.gated_mlp import FusedGatedMLP
 from lightning_approxbp.conversion.norms import ConvertedRMSNorm
-from lightning_approxbp.nn import StepActivation
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,7 +106,7 @@ def _trainer(callbacks: list, **kwargs: Any) -> Trainer:
 
 def _converted(module: nn.Module) -> bool:
     kinds = {type(m) for m in module.modules()}
-    return StepActivation in kinds and ConvertedRMSNorm in kinds
+    return FusedGatedMLP in kinds and ConvertedRMSNorm in kinds
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
@@ -194,7 +194,7 @@ def test_nothing_to_convert_warns() -> None:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"activations": False, "norms": False}, "enable at least one"),
+        ({"activations": False, "norms": False, "gated_mlp": False}, "enable at least one"),
         ({"table": "paper", "bits": 1}, "pass bits=2"),
         ({"affine": "keep", "norms": False}, "norms=False"),
     ],

@@ -89,7 +89,10 @@ def test_strategies_per_architecture() -> None:
     norms = [row for row in report.rows if row.kind == "LlamaRMSNorm"]
     assert len(norms) == 5 and all("merge" in row.strategy for row in norms)
     assert report.row("lm_head").strategy == "applies affine of model.norm"
-    assert report.row("model.layers.0.mlp.act_fn").strategy == "step silu 2-bit fitted"
+    assert report.row("model.layers.0.mlp").strategy == "fused gated MLP (silu)"
+    assert "model.layers.0.mlp.act_fn" not in {row.fqn for row in report.rows}  # exact inside the fused MLP
+    unfused = convert(CASES["llama"].build(), CASES["llama"].batch, gated_mlp=False)
+    assert unfused.row("model.layers.0.mlp.act_fn").strategy == "step silu 2-bit fitted"
 
     bert = CASES["bert"].build()
     report = convert(bert, CASES["bert"].batch)
@@ -301,7 +304,7 @@ def test_torch_checkpoint(use_reentrant: bool) -> None:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"activations": False, "norms": False}, "nothing to convert"),
+        ({"activations": False, "norms": False, "gated_mlp": False}, "nothing to convert"),
         ({"bits": 3}, "bits=3"),
         ({"table": "paper", "bits": 4}, "pass bits=2"),
         ({"table": "best"}, "table='best'"),

@@ -60,7 +60,8 @@ def _gradients(model: nn.Module) -> Tensor:
 
 def _step_reference(case: Case, original: nn.Module) -> Tensor:
     reference = copy.deepcopy(original)
-    convert(reference, case.batch, norms=False)  # finds the activations; norms stay torch's own
+    # Finds the activations (gated MLPs unfused, so theirs too); norms stay torch's own.
+    convert(reference, case.batch, norms=False, gated_mlp=False)
     activations = [m for m in reference.modules() if isinstance(m, StepActivation)]
     assert activations, "the case has no activation to check"
     for module in activations:
@@ -73,7 +74,7 @@ def _step_reference(case: Case, original: nn.Module) -> Tensor:
 
 def _converted_gradients(case: Case, original: nn.Module) -> Tensor:
     model = copy.deepcopy(original)
-    convert(model, case.batch)
+    convert(model, case.batch, gated_mlp=False)  # every activation takes the step derivative
     case.forward_loss(model).backward()
     return _gradients(model)
 
@@ -111,3 +112,21 @@ def test_a_broken_table_or_derivative_fails_the_reference_check(case_name: str, 
             monkeypatch.setitem(tables._FITTED_TABLES, key, change(table))
 
     assert _relative_error(CASES[case_name], break_library) > 10 * MAX_RELATIVE_ERROR
+
+
+@pytest.mark.parametrize("case_name", ["llama", "mistral", "qwen2", "gemma", "peft_llama"])
+def test_models_with_fused_gated_mlps_have_exact_gradients(case_name: str) -> None:
+    """Merged norms and fused gated MLPs are exact: the whole model's gradient equals fp64 autograd
+    of the unconverted model (these decoders have no activation outside their MLPs)."""
+    case = CASES[case_name]
+    original = case.build().train()
+    model = copy.deepcopy(original)
+    report = convert(model, case.batch)
+    assert sum("fused gated MLP" in row.strategy for row in report.rows) == 2
+    assert not any(isinstance(m, StepActivation) for m in model.modules())
+    case.forward_loss(model).backward()
+    reference = copy.deepcopy(original).double()
+    batch = _to_fp64(case.batch)
+    case.loss(reference(**batch)).backward()
+    ours, exact = _gradients(model), _gradients(reference)
+    assert ((ours - exact).norm() / exact.norm()).item() < MAX_RELATIVE_ERROR

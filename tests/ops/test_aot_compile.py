@@ -40,11 +40,18 @@ def test_every_launchable_kernel_compiles_without_spills(compiled):
 
 
 def test_the_check_covers_every_kernel_dtype_and_arch(compiled):
-    from lightning_approxbp.ops import ms_norm_triton, step_activation_triton
+    from lightning_approxbp.ops import (
+        gated_mlp_triton,
+        ms_norm_triton,
+        step_activation_triton,
+    )
 
     _, results = compiled
     kernels = {
-        name for module in (ms_norm_triton, step_activation_triton) for name in vars(module) if name.endswith("_kernel")
+        name
+        for module in (ms_norm_triton, step_activation_triton, gated_mlp_triton)
+        for name in vars(module)
+        if name.endswith("_kernel")
     }
     assert {r["kernel"] for r in results} == kernels
     assert {r["arch"] for r in results} == {80, 90}

@@ -1,0 +1,154 @@
+"""Recognise gated MLPs (SwiGLU, GeGLU) and fuse their down projection.
+
+A gated MLP computes ``down(act(gate(x)) * up(x))``. It is recognised by **structure** (three
+children with ``in_features``/``out_features``: two map the hidden size to an intermediate
+size, one maps back; and an activation the registry knows, as a child module or a function
+attribute) and confirmed by **probing** (the module's own output on a random input must equal
+the formula, which also tells gate from up). No class names are listed, so LLaMA, Mistral,
+Qwen2, Gemma, Phi-style and custom MLPs are all found, and LoRA-wrapped gate/up projections too.
+
+The replacement, :class:`FusedGatedMLP`, keeps the same children under the same names (state
+dict unchanged) and runs :func:`~lightning_approxbp.ops.gated_mlp.gated_down_projection`: only
+``g`` and ``u`` are saved, and the gradients are exact (not a step derivative).
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class MLP(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+    ...         self.down_proj, self.act_fn = nn.Linear(16, 8, bias=False), nn.SiLU()
+    ...     def forward(self, x):
+    ...         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    >>> spec, reason = detect_gated_mlp(MLP())
+    >>> spec.gate, spec.up, spec.down, spec.activation
+    ('gate_proj', 'up_proj', 'down_proj', 'silu')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import permutations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_approxbp.activations import get_activation
+from lightning_approxbp.conversion.activations import (
+    function_attributes,
+    identify_activation,
+    is_activation_candidate,
+)
+from lightning_approxbp.ops.gated_mlp import gated_down_projection
+
+
+@dataclass(frozen=True)
+class GatedMLPSpec:
+    """Which children play which role, and the activation (a registry name)."""
+
+    gate: str
+    up: str
+    down: str
+    activation: str
+    activation_child: str | None
+
+
+def _projections(module: nn.Module) -> dict[str, nn.Module]:
+    return {
+        name: child
+        for name, child in module.named_children()
+        if isinstance(getattr(child, "in_features", None), int) and isinstance(getattr(child, "out_features", None), int)
+    }
+
+
+def _activation(module: nn.Module) -> tuple[str, str | None] | None:
+    """(registry name, child name or ``None`` for a function attribute) of the one activation."""
+    found = []
+    for name, child in module.named_children():
+        if is_activation_candidate(child) and (activation := identify_activation(child)) is not None:
+            found.append((activation, name))
+    for _, function in function_attributes(module):
+        if (activation := identify_activation(function)) is not None:
+            found.append((activation, None))
+    return found[0] if len(found) == 1 else None
+
+
+def _formula(spec: GatedMLPSpec, module: nn.Module, x: Tensor) -> Tensor:
+    gate, up, down = (getattr(module, name) for name in (spec.gate, spec.up, spec.down))
+    return down(get_activation(spec.activation).torch_forward(gate(x)) * up(x))
+
+
+def detect_gated_mlp(module: nn.Module) -> tuple[GatedMLPSpec | None, str | None]:
+    """``(spec, None)`` for a fusable gated MLP; ``(None, reason)`` for one that cannot be fused;
+    ``(None, None)`` for anything else."""
+    projections = _projections(module)
+    if len(projections) != 3 or next(module.parameters(recurse=False), None) is not None:
+        return None, None
+    activation = _activation(module)
+    if activation is None:
+        return None, None
+    sizes = {name: (p.in_features, p.out_features) for name, p in projections.items()}
+    for gate, up, down in permutations(projections):
+        hidden, intermediate = sizes[gate]
+        if sizes[up] != (hidden, intermediate) or sizes[down] != (intermediate, hidden):
+            continue
+        spec = GatedMLPSpec(gate, up, down, activation[0], activation[1])
+        if not _reproduces(module, spec, hidden):
+            continue
+        down_layer = projections[down]
+        if type(down_layer) is not nn.Linear:
+            return None, (
+                f"its down projection is a {type(down_layer).__module__}.{type(down_layer).__qualname__}, not a "
+                "plain torch.nn.Linear: the fused op needs "
+                "the weight itself (e.g. a LoRA-wrapped down projection also reads the product)"
+            )
+        return spec, None
+    return None, None
+
+
+def _reproduces(module: nn.Module, spec: GatedMLPSpec, hidden: int) -> bool:
+    weight = next(module.parameters(), None)
+    if weight is None:
+        return False
+    x = torch.randn(2, 3, hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            expected, ours = module(x), _formula(spec, module, x)
+    except Exception:  # noqa: BLE001 - a module that cannot take this input is not this MLP
+        return False
+    if not isinstance(expected, Tensor) or expected.shape != ours.shape:
+        return False
+    tolerance = 1e-5 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+    return torch.allclose(ours, expected, rtol=tolerance, atol=tolerance)
+
+
+class FusedGatedMLP(nn.Module):
+    """A gated MLP whose down projection saves only ``g`` and ``u`` (exact gradients).
+
+    Holds the original children under their original names, so the state dict is unchanged.
+    """
+
+    spec: GatedMLPSpec
+
+    def forward(self, x: Tensor) -> Tensor:
+        spec = self.spec
+        down = getattr(self, spec.down)
+        g, u = getattr(self, spec.gate)(x), getattr(self, spec.up)(x)
+        return gated_down_projection(g, u, down.weight, down.bias, activation=spec.activation)
+
+    def extra_repr(self) -> str:
+        return f"approxbp: fused gated MLP ({self.spec.activation}), saves gate and up outputs only, exact gradients"
+
+
+def build_fused_gated_mlp(original: nn.Module, spec: GatedMLPSpec) -> FusedGatedMLP:
+    """The fused replacement of ``original``, sharing its children (read now, so merged ones count)."""
+    new = FusedGatedMLP()
+    for name, child in original.named_children():
+        new.add_module(name, child)
+    # Public plain attributes (e.g. hidden_size) stay readable on the replacement.
+    new.__dict__.update({k: v for k, v in vars(original).items() if not k.startswith("_") and k != "training"})
+    new.spec = spec
+    new.train(original.training)
+    return new

@@ -1,0 +1,156 @@
+"""The down projection of a gated MLP, ``down(act(g) * u)``, saving only ``g`` and ``u``.
+
+In a gated MLP (LLaMA, Mistral, Qwen2, Gemma: SwiGLU/GeGLU), eager PyTorch keeps ``g`` (for the
+activation's backward), ``act(g)`` and ``u`` (for the product's backward) and the product ``h``
+(for the down projection's weight gradient): four intermediate-size tensors per token. This op
+keeps two, ``g`` and ``u``, and recomputes ``act(g)`` and ``h`` in backward, in one elementwise
+pass. Gradients are exact (the activation's true derivative, not a step function); only the
+rounding differs from eager (``h`` is rounded once instead of twice).
+
+Saved for backward: ``g`` and ``u`` (in the compute dtype: under autocast the gate and up
+projections already emit it, so these are their outputs, not copies) and the down projection's
+parameters by reference.
+
+Under autocast the matmul runs in the autocast dtype, as ``nn.Linear`` would.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_approxbp.activations import get_activation
+from lightning_approxbp.ops._utils import (
+    check_floating,
+    compute_dtype,
+    guard_double_backward,
+)
+from lightning_approxbp.ops.dispatch import dispatch
+
+OP_NAME = "gated_mlp"
+_TRITON_KERNELS = "lightning_approxbp.ops.gated_mlp_triton"
+
+
+# ----------------------------------------------------------------------------- PyTorch path
+
+
+def _torch_forward(g: Tensor, u: Tensor, activation: str) -> Tensor:
+    work = compute_dtype(g.dtype)
+    return (get_activation(activation).torch_forward(g.to(work)) * u.to(work)).to(g.dtype)
+
+
+def _torch_backward(grad_h: Tensor, g: Tensor, u: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    entry = get_activation(activation)
+    work = compute_dtype(g.dtype)
+    dh, gw, uw = grad_h.to(work), g.to(work), u.to(work)
+    a = entry.torch_forward(gw)
+    return (dh * uw * entry.derivative(gw)).to(g.dtype), (dh * a).to(u.dtype), (a * uw).to(g.dtype)
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+
+@torch.library.custom_op("approxbp::gated_product_forward", mutates_args=())
+def gated_product_forward(g: Tensor, u: Tensor, activation: str) -> Tensor:
+    """``act(g) * u`` in the dtype of ``g`` (``g`` and ``u`` of one shape and dtype)."""
+    g, u = g.contiguous(), u.contiguous()
+    if g.numel() == 0:
+        return torch.empty_like(g)
+    return dispatch(OP_NAME, g, _torch_forward, f"{_TRITON_KERNELS}:forward")(g, u, activation)
+
+
+@gated_product_forward.register_fake
+def _(g: Tensor, u: Tensor, activation: str) -> Tensor:
+    return torch.empty_like(g)
+
+
+@torch.library.custom_op("approxbp::gated_product_backward", mutates_args=())
+def gated_product_backward(grad_h: Tensor, g: Tensor, u: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(grad_g, grad_u, h)``: the exact gradients and the recomputed product."""
+    grad_h, g, u = grad_h.contiguous(), g.contiguous(), u.contiguous()
+    if g.numel() == 0:
+        return torch.empty_like(g), torch.empty_like(u), torch.empty_like(g)
+    return dispatch(OP_NAME, g, _torch_backward, f"{_TRITON_KERNELS}:backward")(grad_h, g, u, activation)
+
+
+@gated_product_backward.register_fake
+def _(grad_h: Tensor, g: Tensor, u: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(g), torch.empty_like(u), torch.empty_like(g)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class GatedDownProjection(torch.autograd.Function):
+    """``linear(act(g) * u, weight, bias)`` that saves ``g``, ``u`` and the parameters only.
+
+    Recomputes ``act(g)``, ``act'(g)`` and the product in backward (one elementwise pass).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, g: Tensor, u: Tensor, weight: Tensor, bias: Tensor | None, activation: str, dtype: torch.dtype
+    ) -> Tensor:
+        g_c, u_c = g.to(dtype), u.to(dtype)
+        h = gated_product_forward(g_c, u_c, activation)
+        rows = h.reshape(-1, h.shape[-1])
+        with torch.autocast(g.device.type, enabled=False):
+            w = weight.to(dtype).t()
+            out = rows @ w if bias is None else torch.addmm(bias.to(dtype), rows, w)
+        ctx.save_for_backward(g_c, u_c, weight, bias)
+        ctx.activation, ctx.g_dtype, ctx.u_dtype = activation, g.dtype, u.dtype
+        return out.view(*h.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        g_c, u_c, weight, bias = ctx.saved_tensors
+        needs_g, needs_u, needs_weight, needs_bias = ctx.needs_input_grad[:4]
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1]).to(g_c.dtype)
+        grad_g = grad_u = grad_weight = grad_bias = None
+        with torch.no_grad():
+            grad_h = (grad_rows @ weight.to(g_c.dtype)).view(g_c.shape)
+            dg, du, h = gated_product_backward(grad_h, g_c, u_c, ctx.activation)
+            if needs_weight:
+                # The operand order autograd uses for nn.Linear's weight gradient.
+                grad_weight = (grad_rows.t() @ h.reshape(-1, h.shape[-1])).to(weight.dtype)
+            if needs_bias and bias is not None:
+                grad_bias = grad_rows.sum(dim=0).to(bias.dtype)
+            grad_g = dg.to(ctx.g_dtype) if needs_g else None
+            grad_u = du.to(ctx.u_dtype) if needs_u else None
+        grads = guard_double_backward((grad_g, grad_u, grad_weight, grad_bias), grad_output, OP_NAME)
+        return (*grads, None, None)
+
+
+def gated_down_projection(
+    g: Tensor, u: Tensor, weight: Tensor, bias: Tensor | None = None, *, activation: str = "silu"
+) -> Tensor:
+    """``F.linear(act(g) * u, weight, bias)``, saving only ``g`` and ``u`` for backward (exact gradients).
+
+    Args:
+        g: the gate projection's output.
+        u: the up projection's output (same shape).
+        weight, bias: the down projection's parameters (``out x intermediate``).
+        activation: a registry name (``"silu"`` for SwiGLU, ``"gelu"``/``"gelu_tanh"`` for GeGLU).
+
+    Example::
+
+        >>> import torch
+        >>> g, u = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+        >>> w = torch.randn(4, 8)
+        >>> out = gated_down_projection(g, u, w, activation="silu")
+        >>> torch.allclose(out, torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w), atol=1e-5)
+        True
+    """
+    get_activation(activation)
+    for name, tensor in (("g", g), ("u", u), ("weight", weight)):
+        check_floating(tensor, OP_NAME, name)
+    if g.shape != u.shape:
+        raise ValueError(f"{OP_NAME}: g and u must have one shape, got {tuple(g.shape)} and {tuple(u.shape)}.")
+    if weight.dim() != 2 or weight.shape[1] != g.shape[-1]:
+        raise ValueError(
+            f"{OP_NAME}: weight must be (out, {g.shape[-1]}) to take the product of shape {tuple(g.shape)}, "
+            f"got {tuple(weight.shape)}."
+        )
+    device_type = g.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else g.dtype
+    return GatedDownProjection.apply(g, u, weight, bias, activation, dtype)
