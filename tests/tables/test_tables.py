@@ -6,8 +6,10 @@ from importlib import resources
 
 import numpy as np
 import pytest
+import torch
 
-from lightning_approxbp.activations import ACTIVATIONS
+from lightning_approxbp.activations import ACTIVATIONS, get_activation
+from lightning_approxbp.ops.reference import step_derivative
 from lightning_approxbp.tables import SUPPORTED_BITS, StepTable, get_table
 from lightning_approxbp.tables.__main__ import main as regenerate
 from lightning_approxbp.tables.solver import (
@@ -40,6 +42,24 @@ def test_fitted_two_bit_tables_beat_the_papers_on_the_fitting_objective(activati
     assert expected_squared_error(activation, fitted.thresholds, fitted.levels) < 0.2 * expected_squared_error(
         activation, paper.thresholds, paper.levels
     )
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (0.0, 3.0), (-1.0, 1.0), (1.0, 2.0)])
+def test_fitted_two_bit_tables_beat_the_papers_on_distributions_they_were_not_fitted_on(activation, mean, std):
+    """Held out: Gaussian pre-activations, not the MiniLM-based mixture the solver minimised over.
+
+    Measured ratios (fitted / paper squared derivative error): 0.10 to 0.31.
+    """
+    x = torch.linspace(-12, 12, 200_001, dtype=torch.float64)
+    weight = torch.exp(-0.5 * ((x - mean) / std) ** 2)
+    weight /= weight.sum()
+    exact = get_activation(activation).derivative(x)
+
+    def error(table: StepTable) -> float:
+        return float((weight * (step_derivative(x, table.thresholds, table.levels) - exact) ** 2).sum())
+
+    assert error(get_table(activation, 2)) < 0.5 * error(get_table(activation, 2, kind="paper"))
 
 
 def test_more_bits_never_fit_worse():
