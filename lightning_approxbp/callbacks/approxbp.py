@@ -60,6 +60,7 @@ class ApproxBP(Callback):
         activations: convert activations.
         norms: convert norms.
         gated_mlp: fuse gated MLPs' down projections (saves gate and up outputs only; exact).
+        dropout: make ``nn.Dropout`` modules redraw their mask in backward instead of saving it.
         bits: bits per activation element (1, 2 or 4).
         table: ``"fitted"``, ``"paper"`` or a :class:`~lightning_approxbp.tables.StepTable`.
         affine: ``"auto"``, ``"merge"`` or ``"keep"``; see
@@ -92,6 +93,7 @@ class ApproxBP(Callback):
         activations: bool = True,
         norms: bool = True,
         gated_mlp: bool = True,
+        dropout: bool = True,
         bits: int = 2,
         table: StepTable | str = "fitted",
         affine: str = "auto",
@@ -106,6 +108,7 @@ class ApproxBP(Callback):
             "activations": activations,
             "norms": norms,
             "gated_mlp": gated_mlp,
+            "dropout": dropout,
             "bits": bits,
             "table": table,
             "affine": affine,

@@ -18,6 +18,8 @@ class ConversionConfig:
     Args:
         activations: convert GELU/SiLU-family activations to step-derivative ones.
         norms: convert LayerNorm/RMSNorm modules to memory-sharing ones.
+        dropout: replace ``torch.nn.Dropout`` modules by ones that save no mask (they redraw the
+            same mask from the saved RNG state in backward; bit-identical masks and gradients).
         gated_mlp: fuse the down projection of gated MLPs (SwiGLU/GeGLU: LLaMA, Mistral, Qwen2,
             Gemma, ...) so that only the gate and up outputs are saved; exact gradients, their
             activation is not approximated.
@@ -42,6 +44,7 @@ class ConversionConfig:
     activations: bool = True
     norms: bool = True
     gated_mlp: bool = True
+    dropout: bool = True
     bits: int = 2
     table: StepTable | str = "fitted"
     affine: str = "auto"
@@ -50,9 +53,10 @@ class ConversionConfig:
     tolerance: float | None = None
 
     def __post_init__(self) -> None:
-        if not (self.activations or self.norms or self.gated_mlp):
+        if not (self.activations or self.norms or self.gated_mlp or self.dropout):
             raise ValueError(
-                "activations=False, norms=False and gated_mlp=False leave nothing to convert; enable at least one."
+                "activations=False, norms=False, gated_mlp=False and dropout=False leave nothing to convert; "
+                "enable at least one."
             )
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}.")

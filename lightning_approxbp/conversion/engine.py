@@ -42,7 +42,7 @@ from lightning_approxbp.conversion.probe import (
 )
 from lightning_approxbp.conversion.report import ConversionReport
 from lightning_approxbp.conversion.walker import ModuleFilter, Site, SwapLog, sites
-from lightning_approxbp.nn import StepActivation
+from lightning_approxbp.nn import RegeneratedDropout, StepActivation
 
 _NO_PROBE_NOTE = (
     "no probe batch: the uses of norm outputs were not traced, so no affine was merged (norms with safe "
@@ -67,7 +67,7 @@ class _Decision:
 
 
 def _is_converted(module: nn.Module) -> bool:
-    return isinstance(module, (StepActivation, ConvertedNorm, FusedGatedMLP)) or is_merged(module)
+    return isinstance(module, (StepActivation, ConvertedNorm, FusedGatedMLP, RegeneratedDropout)) or is_merged(module)
 
 
 def _features(spec: NormSpec) -> int | None:
@@ -126,6 +126,7 @@ class _Conversion:
         self.activations: list[tuple[Site, str]] = []
         self.function_activations: list[tuple[Site, str, str]] = []
         self.gated_mlps: list[tuple[Site, GatedMLPSpec]] = []
+        self.dropouts: list[Site] = []
         # Activations computed exactly inside a fused gated MLP: not converted on their own.
         self.fused_activations: set[int] = set()
 
@@ -143,6 +144,10 @@ class _Conversion:
             if self.filter is not None and not self.filter(module, site.fqn):
                 continue
             if self.config.gated_mlp and self._add_gated_mlp(site):
+                continue
+            if self.config.dropout and type(module) is nn.Dropout:
+                if module.p > 0 and site.holders:
+                    self.dropouts.append(site)
                 continue
             if self.config.norms and (spec := detect_norm(module)) is not None:
                 self._add_norm(site, spec)
@@ -209,6 +214,11 @@ class _Conversion:
         for site, name in self.activations:
             self.log.replace_site(site, self._step(name))
             self.report.add(site.fqn, type(site.module).__name__, "converted", self._step_label(name))
+        for site in self.dropouts:
+            new = RegeneratedDropout(site.module.p)
+            new.train(site.module.training)
+            self.log.replace_site(site, new)
+            self.report.add(site.fqn, "Dropout", "converted", "mask redrawn in backward", "saves no mask; same masks")
         for site, attribute, name in self.function_activations:
             function = getattr(site.module, attribute)
             self.log.replace_attribute(site.module, attribute, self._step(name))
@@ -337,7 +347,8 @@ def convert(
     report.probe = probe_label or ("custom" if probe is not None else "none")
     conversion.collect()
     reference = conversion.trace(probe) if probe is not None and conversion.norms else None
-    if probe is not None and reference is None and (conversion.activations or conversion.function_activations):
+    others = (conversion.activations, conversion.function_activations, conversion.gated_mlps, conversion.dropouts)
+    if probe is not None and reference is None and any(others):
         reference = run_probe(module, probe)
     if reference is not None and not any(t.numel() for t in reference.outputs):
         raise ValueError(

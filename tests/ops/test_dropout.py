@@ -1,0 +1,99 @@
+"""Dropout that redraws its mask: the same masks and gradients as torch's, nothing saved."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_approxbp.nn import RegeneratedDropout
+from lightning_approxbp.ops.dropout import regenerated_dropout
+from lightning_approxbp.saved_tensors import SavedTensorCounter
+
+
+def _run(fn, x, grad, seed=0):
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = fn(x)
+    after_forward = torch.rand(1)  # what the next consumer of the RNG would draw
+    y.backward(grad)
+    after_backward = torch.rand(1)
+    return y, x.grad, after_forward, after_backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (0, 4)])
+def test_masks_gradients_and_rng_stream_are_those_of_torch(dtype, p, shape):
+    x, grad = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    ours = _run(lambda t: regenerated_dropout(t, p), x, grad)
+    stock = _run(lambda t: F.dropout(t, p), x, grad)
+    for a, b in zip(ours, stock):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_non_contiguous_input():
+    x, grad = torch.randn(6, 9).t(), torch.randn(9, 6)
+    ours, stock = _run(lambda t: regenerated_dropout(t, 0.3), x, grad), _run(lambda t: F.dropout(t, 0.3), x, grad)
+    for a, b in zip(ours, stock):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_saves_nothing_of_the_input_size():
+    x = torch.randn(64, 64, requires_grad=True)
+    with SavedTensorCounter() as ours:
+        regenerated_dropout(x, 0.1)
+    with SavedTensorCounter() as stock:
+        F.dropout(x, 0.1)
+    assert ours.stats.activation_bytes == 0 and stock.stats.activation_bytes >= x.numel()
+
+
+def test_eval_zero_probability_and_no_grad_are_plain_dropout():
+    x = torch.randn(5, requires_grad=True)
+    assert torch.equal(regenerated_dropout(x, 0.5, training=False), x)
+    assert torch.equal(regenerated_dropout(x, 0.0), x)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ours = regenerated_dropout(x, 0.5)
+        torch.manual_seed(0)
+        assert torch.equal(ours, F.dropout(x, 0.5))
+    with pytest.raises(ValueError, match="must be in"):
+        regenerated_dropout(x, 1.5)
+
+
+def test_module_is_a_dropout_and_matches_it():
+    stock, ours = torch.nn.Dropout(0.2), RegeneratedDropout(0.2)
+    assert isinstance(ours, torch.nn.Dropout) and "mask redrawn" in repr(ours)
+    x, grad = torch.randn(4, 8), torch.randn(4, 8)
+    for a, b in zip(_run(ours, x, grad), _run(stock, x, grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_double_backward_is_refused_clearly():
+    x = torch.randn(6, requires_grad=True)
+    (grad,) = torch.autograd.grad(regenerated_dropout(x, 0.5).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        grad.sum().backward()
+
+
+def test_converted_bert_with_dropout_trains_bit_identically():
+    transformers = pytest.importorskip("transformers")
+    from lightning_approxbp import convert
+
+    config = transformers.BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, num_labels=2, attn_implementation="eager",
+    )
+    model = transformers.BertForSequenceClassification(config).train()
+    reference = copy.deepcopy(model)
+    batch = {"input_ids": torch.randint(0, 128, (2, 12)), "labels": torch.tensor([0, 1])}
+    report = convert(model, batch, activations=False, norms=False, gated_mlp=False)
+    assert report.max_error == 0.0 and report.bytes_after < report.bytes_before
+    assert sum(row.kind == "Dropout" for row in report.converted) == 8
+    for m in (model, reference):
+        torch.manual_seed(3)
+        m(**batch).loss.backward()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
