@@ -1,15 +1,19 @@
-"""ApproxBPPrecision: Lightning's behaviour per precision string, plus frozen weights in the
-autocast dtype (bit-identical forward, fewer saved bytes), norm/linear sharing, loss scaling."""
+"""ApproxBPPrecision: Lightning's plugin class for each precision (type checks, aliases,
+checkpoints, ThroughputMonitor), plus frozen weights in the autocast dtype (bit-identical
+forward, fewer saved bytes), norm/linear sharing, loss scaling."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -19,11 +23,17 @@ from lightning_approxbp.plugins import ApproxBPPrecision, store_frozen_weights
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 
 HALF = {"bf16": torch.bfloat16, "16": torch.float16}
+LIGHTNING_FAMILIES = (MixedPrecision, HalfPrecision, DoublePrecision)
 
 
 def test_rejects_unknown_precision() -> None:
     with pytest.raises(ValueError, match="Choose one of: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true"):
-        ApproxBPPrecision("64-true")
+        ApproxBPPrecision("8-mixed")
+
+
+def test_transformer_engine_points_to_lightnings_plugin() -> None:
+    with pytest.raises(ValueError, match=r"TransformerEnginePrecision.*`Trainer\(precision='transformer-engine'\)`"):
+        ApproxBPPrecision("transformer-engine")
 
 
 @pytest.mark.parametrize(
@@ -33,12 +43,55 @@ def test_rejects_unknown_precision() -> None:
         ("bf16-mixed", MixedPrecision),
         ("16-mixed", MixedPrecision),
         ("bf16-true", HalfPrecision),
+        ("16-true", HalfPrecision),
+        ("64-true", DoublePrecision),
     ],
 )
-def test_delegates_to_lightnings_plugin(precision: str, delegate: type) -> None:
+def test_is_lightnings_plugin_for_its_precision(precision: str, delegate: type) -> None:
     plugin = ApproxBPPrecision(precision, device="cpu")
-    assert type(plugin.plugin) is delegate
+    assert isinstance(plugin, delegate) and isinstance(plugin, ApproxBPPrecision)
+    assert [isinstance(plugin, family) for family in LIGHTNING_FAMILIES] == [
+        family is delegate for family in LIGHTNING_FAMILIES
+    ]
+    assert plugin.precision == precision and plugin.plugin is plugin
     assert (plugin.scaler is not None) == (precision == "16-mixed")
+    assert type(copy.deepcopy(plugin)) is type(plugin)  # copies keep the family class
+
+
+def test_a_family_class_refuses_another_familys_precision() -> None:
+    half_class = type(ApproxBPPrecision("bf16-true"))
+    with pytest.raises(ValueError, match=r"Use `ApproxBPPrecision\('bf16-mixed'\)`"):
+        half_class("bf16-mixed")
+
+
+@pytest.mark.parametrize(
+    ("alias", "canonical"),
+    [(16, "16-mixed"), ("16", "16-mixed"), ("bf16", "bf16-mixed"), (32, "32-true"), ("32", "32-true"),
+     (64, "64-true"), ("64", "64-true")],
+    ids=["16", "'16'", "'bf16'", "32", "'32'", "64", "'64'"],
+)
+@pytest.mark.filterwarnings("ignore:.*supported for historical reasons")  # Lightning's, as Trainer(precision=16)
+def test_accepts_lightnings_aliases(alias: int | str, canonical: str) -> None:
+    plugin = ApproxBPPrecision(alias, device="cpu")  # type: ignore[arg-type]
+    assert plugin.precision == canonical
+    assert type(plugin) is type(ApproxBPPrecision(canonical, device="cpu"))
+
+
+@pytest.mark.parametrize(
+    ("precision", "lightning_plugin"),
+    [
+        ("16-mixed", lambda: MixedPrecision("16-mixed", "cpu")),
+        ("bf16-mixed", lambda: MixedPrecision("bf16-mixed", "cpu")),
+        ("16-true", lambda: HalfPrecision("16-true")),
+        ("bf16-true", lambda: HalfPrecision("bf16-true")),
+        ("64-true", DoublePrecision),
+    ],
+    ids=["16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true"],
+)
+def test_throughput_monitor_sees_the_same_compute_dtype(precision: str, lightning_plugin: Callable) -> None:
+    # What ThroughputMonitor.setup passes to get_available_flops (FLOPs and MFU depend on it).
+    plugin = ApproxBPPrecision(precision, device="cpu")
+    assert _plugin_to_compute_dtype(plugin) == _plugin_to_compute_dtype(lightning_plugin()) == plugin.compute_dtype
 
 
 class _FrozenBackbone(nn.Module):
@@ -151,6 +204,15 @@ def test_true_precision_resets_a_wider_norm_output_dtype() -> None:
         assert model(plugin.convert_input(torch.randn(2, 16))).dtype == torch.bfloat16
 
 
+def test_64_true_resets_a_narrower_norm_output_dtype() -> None:
+    model = nn.Sequential(MSLayerNorm(16, output_dtype=torch.float32), nn.Linear(16, 16))
+    plugin = ApproxBPPrecision("64-true")
+    plugin.convert_module(model)
+    assert model[0].output_dtype is None
+    with plugin.forward_context():
+        assert model(plugin.convert_input(torch.randn(2, 16))).dtype == torch.float64
+
+
 class _Overflowing(LightningModule):
     """fp16 loss so large that the scaled gradients overflow; passes through ApproxBP ops."""
 
@@ -168,19 +230,46 @@ class _Overflowing(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_16_mixed_skips_the_step_on_inf_gradients() -> None:
-    model = _Overflowing()
-    before = copy.deepcopy(model.state_dict())
-    plugin = ApproxBPPrecision("16-mixed")
+def _fit_one_step(model: LightningModule, plugin: Precision, ckpt_path: Path | None = None) -> Trainer:
     trainer = Trainer(
         accelerator="cpu", max_steps=1, plugins=[plugin], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.fit(model)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_16_mixed_skips_the_step_on_inf_gradients() -> None:
+    model = _Overflowing()
+    before = copy.deepcopy(model.state_dict())
+    plugin = ApproxBPPrecision("16-mixed")
+    trainer = _fit_one_step(model, plugin)
     assert trainer.precision == "16-mixed"
     assert plugin.scaler is not None and plugin.scaler.get_scale() == 2.0**15  # halved after the skipped step
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize(
+    ("save_with", "resume_with"),
+    [(MixedPrecision, ApproxBPPrecision), (ApproxBPPrecision, MixedPrecision)],
+    ids=["lightning-to-approxbp", "approxbp-to-lightning"],
+)
+def test_16_mixed_checkpoints_carry_the_scaler_between_lightning_and_approxbp(
+    save_with: Callable[..., Precision], resume_with: Callable[..., Precision], tmp_path: Path
+) -> None:
+    path = tmp_path / "step1.ckpt"
+    _fit_one_step(_Overflowing(), save_with("16-mixed", "cpu")).save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["MixedPrecision"]["scale"] == 2.0**15  # halved by the overflow
+    plugin = resume_with("16-mixed", "cpu")
+    _fit_one_step(_Overflowing(), plugin, ckpt_path=path)  # already at max_steps: restores, trains nothing
+    assert plugin.scaler is not None and plugin.scaler.get_scale() == 2.0**15  # a fresh scaler has 2**16
+
+
+def test_loads_the_scaler_saved_by_the_earlier_wrapper_plugin() -> None:
+    plugin = ApproxBPPrecision("16-mixed", device="cpu")
+    plugin.on_load_checkpoint({"ApproxBPPrecision": torch.amp.GradScaler("cpu", init_scale=2.0**10).state_dict()})
+    assert plugin.scaler is not None and plugin.scaler.get_scale() == 2.0**10
 
 
 class _FrozenFirstLayer(LightningModule):
