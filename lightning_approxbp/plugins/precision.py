@@ -263,6 +263,17 @@ class ApproxBPMixedPrecision(ApproxBPPrecision, MixedPrecision):
         self._recasting.clear()
         super().teardown()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the plugin into each process; weak containers do not pickle, and what
+        # they track (changed modules) belongs to this process's model only.
+        state = self.__dict__.copy()
+        state["_stored"], state["_recasting"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._stored, self._recasting = WeakKeyDictionary(), WeakSet()
+
     def _bind_device(self, module: nn.Module) -> None:
         """Follow the Trainer's device type unless ``device`` was given, as Lightning's own plugin would be built."""
         trainer = _attached_trainer(module)

@@ -323,3 +323,13 @@ def test_merged_linears_of_the_approxbp_conversion_are_stored_too() -> None:
     assert model[1].weight.dtype == torch.bfloat16
     with plugin.forward_context():
         assert torch.equal(model(x), reference(x))
+
+
+def test_a_mixed_plugin_that_changed_a_module_pickles_for_ddp_spawn():
+    import pickle
+
+    plugin = ApproxBPPrecision("bf16-mixed", device="cpu")
+    plugin.convert_module(torch.nn.Sequential(torch.nn.Linear(4, 4).requires_grad_(False), torch.nn.Linear(4, 4)))
+    copy = pickle.loads(pickle.dumps(plugin))
+    assert isinstance(copy, ApproxBPPrecision) and copy.precision == "bf16-mixed"
+    assert len(copy._stored) == 0 and len(copy._recasting) == 0  # the copy tracks its own process's modules
