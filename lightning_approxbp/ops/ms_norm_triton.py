@@ -225,6 +225,23 @@ def _ms_norm_bwd_kernel(
         tl.store(DB_PARTIAL_ptr + pid * n_cols + cols, db_acc, mask=mask)
 
 
+@triton.jit
+def _chunk(
+    dy_row, y_row, W_ptr, B_ptr, cols, mask, offset, weight_clamp,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """One chunk of a row, for the looped backward: ``(dy, gamma, x_hat)`` in fp32."""
+    dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+    gamma = tl.full([BLOCK_SIZE], 1.0, tl.float32)
+    if HAS_WEIGHT:
+        gamma = tl.load(W_ptr + cols, mask=mask, other=0.0) + offset
+    beta = tl.zeros([BLOCK_SIZE], tl.float32)
+    if HAS_BIAS:
+        beta = tl.load(B_ptr + cols, mask=mask, other=0.0)
+    return dy, gamma, tl.where(mask, _recover_normalised(y, gamma, beta, weight_clamp, HAS_WEIGHT, HAS_BIAS), 0.0)
+
+
 @triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _ms_norm_bwd_looped_kernel(
     DY_ptr,
@@ -271,15 +288,9 @@ def _ms_norm_bwd_looped_kernel(
         for start in range(0, n_cols, BLOCK_SIZE):
             cols = start + tl.arange(0, BLOCK_SIZE)
             mask = cols < n_cols
-            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
-            gamma = tl.full([BLOCK_SIZE], 1.0, tl.float32)
-            if HAS_WEIGHT:
-                gamma = tl.load(W_ptr + cols, mask=mask, other=0.0) + offset
-            beta = tl.zeros([BLOCK_SIZE], tl.float32)
-            if HAS_BIAS:
-                beta = tl.load(B_ptr + cols, mask=mask, other=0.0)
-            x_hat = tl.where(mask, _recover_normalised(y, gamma, beta, weight_clamp, HAS_WEIGHT, HAS_BIAS), 0.0)
+            dy, gamma, x_hat = _chunk(
+                dy_row, y_row, W_ptr, B_ptr, cols, mask, offset, weight_clamp, HAS_WEIGHT, HAS_BIAS, BLOCK_SIZE
+            )
             dy_hat = dy * gamma
             projection += dy_hat * x_hat
             dy_total += dy_hat
@@ -290,15 +301,9 @@ def _ms_norm_bwd_looped_kernel(
         for start in range(0, n_cols, BLOCK_SIZE):
             cols = start + tl.arange(0, BLOCK_SIZE)
             mask = cols < n_cols
-            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
-            gamma = tl.full([BLOCK_SIZE], 1.0, tl.float32)
-            if HAS_WEIGHT:
-                gamma = tl.load(W_ptr + cols, mask=mask, other=0.0) + offset
-            beta = tl.zeros([BLOCK_SIZE], tl.float32)
-            if HAS_BIAS:
-                beta = tl.load(B_ptr + cols, mask=mask, other=0.0)
-            x_hat = tl.where(mask, _recover_normalised(y, gamma, beta, weight_clamp, HAS_WEIGHT, HAS_BIAS), 0.0)
+            dy, gamma, x_hat = _chunk(
+                dy_row, y_row, W_ptr, B_ptr, cols, mask, offset, weight_clamp, HAS_WEIGHT, HAS_BIAS, BLOCK_SIZE
+            )
             dx = dy * gamma - x_hat * projection_mean
             if CENTERED:
                 dx = dx - dy_mean
