@@ -49,12 +49,21 @@ def target_rows(results: Path) -> list[str]:
         else:
             rows.append((f"{goal} block activation memory: <= {limit} of baseline", "-", "-", None))
     fidelity = load(results, "gradient_fidelity_cpu.json")
-    fitted = [r for r in (fidelity or {}).get("results", []) if r["table"] == "fitted" and r["bits"] == 2]
-    if fitted:
-        rows.append(("Gradient cosine, default 2-bit table, pretrained MiniLM: >= 0.98", f"{fitted[0]['cosine']:.4f}",
-                     fidelity["machine"], fitted[0]["cosine"] >= 0.98))
+    in_sample = fidelity_row(fidelity, "in-sample")
+    if in_sample:
+        rows.append(("Gradient cosine, default 2-bit table, pretrained MiniLM, **in-sample** (BBC News headlines, "
+                     f"the tables' fitting corpus): >= {FIDELITY_BAR}", f"{in_sample['cosine']:.4f}",
+                     fidelity["machine"], in_sample["cosine"] >= FIDELITY_BAR))
     else:
-        rows.append(("Gradient cosine, default 2-bit table: >= 0.98", "-", "-", None))
+        rows.append((f"Gradient cosine, default 2-bit table, in-sample: >= {FIDELITY_BAR}", "-", "-", None))
+    held_out = [s for s in (fidelity or {}).get("settings", []) if s["split"] == "held-out"]
+    for setting in held_out:
+        row = fidelity_row(fidelity, setting["setting"])
+        if row:
+            rows.append((f"Same bar, **held out** {setting['held_out']}: {setting['short']}: >= {FIDELITY_BAR}",
+                         f"{row['cosine']:.4f}", fidelity["machine"], row["cosine"] >= FIDELITY_BAR))
+    if not held_out:
+        rows.append((f"Same bar, held out (corpus and model family not in the fit): >= {FIDELITY_BAR}", "-", "-", None))
     parity = load(results, "finetune_parity_cpu.json")
     if parity:
         s = parity["summary"]
@@ -84,6 +93,46 @@ def target_rows(results: Path) -> list[str]:
     lines = ["| target (issue 5) | measured | machine | verdict |", "|---|---|---|---|"]
     lines += [f"| {t} | {m} | {machine} | {verdict(met)} |" for t, m, machine, met in rows]
     return lines
+
+
+FIDELITY_BAR = 0.98  # issue 5: gradient cosine of the default (fitted 2-bit) table
+FIDELITY_TABLES = (("paper", 2), ("fitted", 1), ("fitted", 2), ("fitted", 4))
+
+
+def fidelity_row(fidelity: dict[str, Any] | None, setting: str, table: str = "fitted", bits: int = 2) -> dict | None:
+    """The result row of one setting and table (rows without a setting predate the held-out settings: in-sample)."""
+    match = [r for r in (fidelity or {}).get("results", [])
+             if r.get("setting", "in-sample") == setting and r["table"] == table and r["bits"] == bits]
+    return match[0] if match else None
+
+
+def fidelity_table(results: Path) -> list[str]:
+    """Gradient fidelity per setting and table, in-sample and held-out rows kept apart and labelled."""
+    fidelity = load(results, "gradient_fidelity_cpu.json")
+    if fidelity is None or "settings" not in fidelity:
+        return []
+    lines = [
+        f"### Gradient fidelity, in-sample vs held out ({fidelity['machine']}, fp32)",
+        "",
+        "Whole-model parameter gradient vs exact backprop, one batch: cosine / relative error. The fitted tables "
+        "were fitted on pretrained MiniLM's GELU inputs on BBC News, so MiniLM on BBC News is **in-sample**; "
+        "**held-out** rows use text, a corpus or model families the fit never saw (the LLaMA- and GPT-2-style models "
+        "are small ones trained here from scratch: no other pretrained model ships offline). Compare rows of one model; "
+        "across models the share of the gradient that passes through the MLP activations differs (see "
+        "`benchmarks/results/gradient_fidelity_cpu.md` for the per-activation derivative error, which compares models).",
+        "",
+        "| split | setting | " + " | ".join(f"{k} {b}-bit" + (" (default)" if (k, b) == ("fitted", 2) else "")
+                                            for k, b in FIDELITY_TABLES) + " |",
+        "|---|---|" + "---|" * len(FIDELITY_TABLES),
+    ]
+    for split in ("in-sample", "held-out"):
+        for setting in (s for s in fidelity["settings"] if s["split"] == split):
+            cells = []
+            for kind, bits in FIDELITY_TABLES:
+                row = fidelity_row(fidelity, setting["setting"], kind, bits)
+                cells.append(f"{row['cosine']:.4f} / {row['relative_error']:.3f}" if row else "-")
+            lines.append(f"| {split} | {setting['short']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def memory_table(results: Path, root: str) -> list[str]:
@@ -158,6 +207,7 @@ def build(results: Path = RESULTS, root: str = "") -> str:
         *target_rows(results),
         "",
         *memory_table(results, root),
+        *fidelity_table(results),
         *speed_table(results),
         *gpu_table(results),
     ]

