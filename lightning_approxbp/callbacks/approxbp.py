@@ -17,7 +17,8 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_approxbp.conversion import ConversionConfig, ConversionReport, convert
@@ -25,6 +26,12 @@ from lightning_approxbp.conversion.config import DEFAULT_MIN_KEEP_WEIGHT
 from lightning_approxbp.conversion.probe import ProbeFn, probe_from_example
 from lightning_approxbp.conversion.walker import ModuleFilter
 from lightning_approxbp.tables import StepTable
+
+# Lightning calls these LightningModule hooks, in this order, after the callbacks' ``setup`` and
+# before the device move, wrapping and ``configure_optimizers``; both may build layers.
+_MODEL_HOOKS = ("setup", "configure_model")
+_PENDING = "_approxbp_pending"  # marks our temporary hook wrapper on a module instance
+_TRAIN_BATCH = "training_step on the first train batch"
 
 
 class ProbeUnavailable(Exception):
@@ -34,8 +41,10 @@ class ProbeUnavailable(Exception):
 class ApproxBP(Callback):
     r"""Lower the activation memory of fine-tuning without changing what the model computes.
 
-    At ``setup("fit")`` (before the device move, DDP/FSDP wrapping and ``configure_optimizers``)
-    the LightningModule is converted in place by :func:`~lightning_approxbp.conversion.convert`:
+    When fitting, the LightningModule is converted in place by
+    :func:`~lightning_approxbp.conversion.convert` right after its own ``setup`` and
+    ``configure_model`` hooks (so layers built there are included) and before the device move,
+    DDP/FSDP wrapping and ``configure_optimizers``:
 
     - GELU/SiLU-family activations keep their exact forward and save ``bits`` per element for
       a step-function derivative (the only approximation: gradients through activations);
@@ -46,12 +55,15 @@ class ApproxBP(Callback):
     The probe batch that traces the model is, in order: ``example_input`` given here,
     ``pl_module.example_input_array`` (passed to ``forward``), or the first batch of
     ``trainer.datamodule.train_dataloader()`` / ``pl_module.train_dataloader()`` (passed to
-    ``training_step`` with logging disabled), drawn under :func:`isolate_rng`. Dataloaders
-    passed straight to ``Trainer.fit`` are not reachable at setup; without any probe batch
-    only activations and safe affine-kept norms are converted (the report says so).
+    ``training_step`` with logging disabled), drawn under :func:`isolate_rng`. Of a train batch
+    only the first ``probe_samples`` samples are used (every tensor sliced along dim 0), which
+    bounds the probe's time and memory; a batch whose tensors differ in leading size, or that
+    cannot be sliced, is used whole, as is the whole batch when the step fails on the slice (the
+    report's probe label says which). Dataloaders passed straight to ``Trainer.fit`` are not
+    reachable at setup; without any probe batch only activations and safe affine-kept norms are
+    converted (the report says so).
 
-    If the module overrides ``configure_model``, the conversion runs right after it, so layers
-    built there are included. The state dict keys and values do not change: checkpoints saved
+    The state dict keys and values do not change: checkpoints saved
     with this callback load strictly into the unconverted module, and resuming works.
 
     The report is printed once on rank zero and kept as :attr:`report`.
@@ -72,10 +84,12 @@ class ApproxBP(Callback):
         tolerance: relative output error accepted by ``verify`` (default per dtype).
         config: all of the conversion options above as one
             :class:`~lightning_approxbp.conversion.ConversionConfig`, instead of the arguments.
+        probe_samples: how many samples of the first train batch the ``training_step`` probe
+            runs on (``example_input`` and ``example_input_array`` are used as given).
 
     Raises:
         ValueError: at construction, for unknown or conflicting options.
-        RuntimeError: in ``setup`` if verification finds a different output.
+        RuntimeError: at conversion if verification finds a different output.
 
     Example::
 
@@ -103,7 +117,13 @@ class ApproxBP(Callback):
         min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT,
         tolerance: float | None = None,
         config: ConversionConfig | None = None,
+        probe_samples: int = 2,
     ) -> None:
+        if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or probe_samples < 1:
+            raise ValueError(
+                "`probe_samples` must be a positive int (how many samples of the first train batch to probe), "
+                f"got {probe_samples!r}."
+            )
         options = {
             "activations": activations,
             "norms": norms,
@@ -121,54 +141,89 @@ class ApproxBP(Callback):
         self.config = ConversionConfig.build(config, **changed) if config is not None else ConversionConfig(**options)
         self._filter = filter
         self._example_input = example_input
+        self._probe_samples = probe_samples
         self.report: ConversionReport | None = None
         self._converted: weakref.ref[nn.Module] | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._convert_or_defer(trainer, pl_module)
-
-    def _convert_or_defer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._converted is not None and self._converted() is pl_module:
+        if stage != "fit" or (self._converted is not None and self._converted() is pl_module):
             return
-        if not is_overridden("configure_model", pl_module):
-            self._convert(trainer, pl_module)
-            return
-        original = pl_module.configure_model
+        _drop_pending(pl_module)  # left by an earlier call that never reached the hook
+        # convert after the last model hook Lightning will call (`configure_model` only if overridden)
+        hook = _MODEL_HOOKS[-1] if is_overridden(_MODEL_HOOKS[-1], pl_module) else _MODEL_HOOKS[0]
+        original = getattr(pl_module, hook)
 
-        def configure_model_then_convert() -> None:
-            del pl_module.configure_model  # back to the class's method
-            original()
+        def hook_then_convert(*args: Any, **kwargs: Any) -> Any:
+            _drop_pending(pl_module)  # the original hook is back before anything can fail
+            output = original(*args, **kwargs)
             self._convert(trainer, pl_module)
+            return output
 
-        pl_module.configure_model = configure_model_then_convert
+        # what to put back: an attribute the instance had itself, else nothing (the class's method)
+        setattr(hook_then_convert, _PENDING, vars(pl_module).get(hook))
+        setattr(pl_module, hook, hook_then_convert)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a fit that failed before the hook ran must not leave a wrapper that converts in a later `validate`
+        _drop_pending(pl_module)
 
     def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        probe, label = self._probe(trainer, pl_module)
-        try:
-            report = convert(pl_module, probe=probe, probe_label=label, config=self.config, filter=self._filter)
-        except ProbeUnavailable as error:
-            rank_zero_warn(
-                f"ApproxBP: training_step could not run on the probe batch at setup ({error.__cause__!r}); "
-                "converting without a probe. Set `example_input_array` for the full conversion."
-            )
+        failure: BaseException | None = None
+        for probe, label in self._probes(trainer, pl_module):
+            try:
+                report = convert(pl_module, probe=probe, probe_label=label, config=self.config, filter=self._filter)
+                break
+            except ProbeUnavailable as error:
+                failure = error.__cause__
+        else:
+            if failure is not None:
+                rank_zero_warn(
+                    f"ApproxBP: training_step could not run on the probe batch at setup ({failure!r}); "
+                    "converting without a probe. Set `example_input_array` for the full conversion."
+                )
             report = convert(pl_module, config=self.config, filter=self._filter)
         self.report = report
         self._converted = weakref.ref(pl_module)
         rank_zero_info(str(report))
 
-    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[ProbeFn | None, str | None]:
+    def _probes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[ProbeFn, str]]:
+        """The probes to try, in order, each with its report label; empty when there is none."""
         if self._example_input is not None:
-            return probe_from_example(self._example_input), "example_input"
+            return [(probe_from_example(self._example_input), "example_input")]
         if pl_module.example_input_array is not None:
-            return probe_from_example(pl_module.example_input_array), "example_input_array"
+            return [(probe_from_example(pl_module.example_input_array), "example_input_array")]
         if not pl_module.automatic_optimization:
-            return None, None  # a manual training_step needs optimizers, which do not exist yet
+            return []  # a manual training_step needs optimizers, which do not exist yet
         batch = _first_train_batch(trainer, pl_module)
         if batch is None:
-            return None, None
-        return _training_step_probe(batch), "training_step on the first train batch"
+            return []
+        whole, samples = _training_step_probe(batch), self._probe_samples
+        size = _leading_size(batch)
+        if size is None:
+            return [(whole, f"{_TRAIN_BATCH} (whole: its tensors have no common leading size)")]
+        if size <= samples:
+            return [(whole, f"training_step on all {size} samples of the first train batch")]
+        try:
+            sliced = _first_samples(batch, samples)
+        except Exception as error:  # noqa: BLE001 - e.g. a registered container that does not rebuild from its leaves
+            return [(whole, f"{_TRAIN_BATCH} (whole: slicing it failed with {error!r})")]
+        return [
+            (_training_step_probe(sliced), f"training_step on {samples} of {size} samples of the first train batch"),
+            # a step may need the whole batch (e.g. a non-tensor field of batch length)
+            (whole, f"training_step on all {size} samples of the first train batch (it failed on {samples})"),
+        ]
+
+
+def _drop_pending(pl_module: pl.LightningModule) -> None:
+    """Remove the temporary hook wrapper of :meth:`ApproxBP.setup` from the instance, if there."""
+    for hook in _MODEL_HOOKS:
+        wrapper = vars(pl_module).get(hook)
+        if hasattr(wrapper, _PENDING):
+            delattr(pl_module, hook)
+            if (own := getattr(wrapper, _PENDING)) is not None:
+                setattr(pl_module, hook, own)
 
 
 def _first_train_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -184,6 +239,18 @@ def _first_train_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> An
         if isinstance(loader, (dict, list, tuple)):
             return None  # several loaders: the step's batch structure is not one loader's batch
         return next(iter(loader), None)
+
+
+def _leading_size(batch: Any) -> int | None:
+    """The size of dim 0 shared by all tensors of ``batch``; ``None`` without one."""
+    sizes = {leaf.shape[0] if leaf.dim() else None for leaf in tree_flatten(batch)[0] if isinstance(leaf, Tensor)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _first_samples(batch: Any, samples: int) -> Any:
+    """``batch`` with every tensor cut to its first ``samples`` rows; other leaves as they are."""
+    leaves, spec = tree_flatten(batch)
+    return tree_unflatten([leaf[:samples] if isinstance(leaf, Tensor) else leaf for leaf in leaves], spec)
 
 
 def _training_step_probe(batch: Any) -> ProbeFn:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_approxbp import ApproxBP
+from lightning_approxbp import ApproxBP, convert
 from lightning_approxbp.conversion.gated_mlp import FusedGatedMLP
 from lightning_approxbp.conversion.norms import ConvertedRMSNorm
 
@@ -115,7 +116,8 @@ def test_fit_converts_once_in_every_precision(precision: str) -> None:
     model = LitLM()
     _trainer([callback], precision=precision).fit(model)
     assert _converted(model)
-    assert callback.report is not None and callback.report.probe == "training_step on the first train batch"
+    assert callback.report is not None
+    assert callback.report.probe == "training_step on all 2 samples of the first train batch"
     assert callback.report.bytes_after < callback.report.bytes_before
     assert torch.isfinite(model.trainer.callback_metrics["train_loss"])
     report = callback.report
@@ -134,11 +136,11 @@ def test_example_input_array_and_gradient_checkpointing(caplog: pytest.LogCaptur
 
 
 class _RecordRNG(Callback):
-    """Records the global RNG state at setup (it runs after ApproxBP's setup)."""
+    """Records the global RNG state at fit start (after the conversion)."""
 
     state: Tensor | None = None
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.state = torch.random.get_rng_state()
 
 
@@ -157,7 +159,7 @@ def test_datamodule_batch_is_the_probe_and_rng_is_untouched() -> None:
         _trainer([*callbacks, recorder], max_steps=1).fit(model, datamodule=DataModule())
         states.append(recorder.state)
     assert torch.equal(states[0], states[1])
-    assert approxbp.report.probe == "training_step on the first train batch"
+    assert approxbp.report.probe == "training_step on all 2 samples of the first train batch"
     callback = ApproxBP()
     callback.setup(_trainer([]), LitNoLoader(), "validate")  # other stages: nothing happens
     assert callback.report is None
@@ -169,6 +171,157 @@ def test_layers_built_in_configure_model_are_converted() -> None:
     _trainer([callback]).fit(model)
     assert _converted(model) and callback.report.converted
     assert "configure_model" not in vars(model)  # the temporary wrapper is gone
+
+
+class LitBuiltInSetup(LightningModule):
+    """Builds its layers in ``setup``, which Lightning calls after the callbacks' ``setup``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp: nn.Module | None = None
+        self.seen_in_configure_optimizers: set[type] = set()
+
+    def setup(self, stage: str) -> None:
+        if self.mlp is None:
+            torch.manual_seed(0)
+            self.mlp = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.mlp(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        self.seen_in_configure_optimizers = {type(m) for m in self.modules()}
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(8, 8, generator=torch.Generator().manual_seed(2))), batch_size=4)
+
+
+class LitBuiltInSetupAndConfigureModel(LitBuiltInSetup):
+    def configure_model(self) -> None:
+        if not hasattr(self, "head"):
+            self.head = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.head(self.mlp(batch[0])).pow(2).mean()
+
+
+def test_layers_built_in_setup_are_converted_once_before_configure_optimizers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_approxbp.callbacks import approxbp as module
+
+    calls: list[nn.Module] = []
+
+    def counting_convert(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        calls.append(model)
+        return convert(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "convert", counting_convert)
+    for cls, built in [
+        (LitBuiltInSetup, {"mlp.0", "mlp.1", "mlp.2"}),
+        (LitBuiltInSetupAndConfigureModel, {"mlp.0", "mlp.1", "mlp.2", "head.0", "head.1"}),
+    ]:
+        calls.clear()
+        callback, model = ApproxBP(), cls()
+        _trainer([callback]).fit(model)
+        assert calls == [model]  # once, after the last of the model's own hooks
+        assert built <= {row.fqn for row in callback.report.rows if row.action == "converted"}
+        converted_types = {type(m) for m in model.modules()}
+        assert nn.LayerNorm not in converted_types and nn.GELU not in converted_types
+        assert model.seen_in_configure_optimizers == converted_types
+        assert not {"setup", "configure_model"} & set(vars(model))  # the temporary wrapper is gone
+
+
+def test_a_fit_that_fails_before_the_model_hooks_leaves_no_wrapper() -> None:
+    class Fail(Callback):
+        def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+            raise RuntimeError("boom")
+
+    callback, model = ApproxBP(), LitBuiltInSetup()
+    with pytest.raises(RuntimeError, match="boom"):
+        _trainer([callback, Fail()]).fit(model)
+    assert "setup" not in vars(model) and callback.report is None
+    _trainer([callback]).fit(model)
+    assert callback.report.converted and "setup" not in vars(model)
+
+
+def test_a_setup_set_on_the_instance_is_wrapped_and_put_back() -> None:
+    model = LitBuiltInSetup()
+    own_setup = model.setup
+    model.setup = lambda stage: own_setup(stage)  # e.g. patched by a test or a framework
+    patched = vars(model)["setup"]
+    callback = ApproxBP()
+    _trainer([callback]).fit(model)
+    assert vars(model)["setup"] is patched and callback.report.converted
+
+
+class LitLMBatchSizes(LitLM):
+    """Records the batch size of every ``training_step`` call; batches of 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.sizes.append(len(batch[0]))
+        return super().training_step(batch, batch_idx)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(_ids(16)), batch_size=8)
+
+
+def test_the_probe_runs_on_the_first_samples_of_the_train_batch_and_converts_the_same() -> None:
+    reports = {}
+    for samples in (2, 8):
+        callback, model = ApproxBP(probe_samples=samples), LitLMBatchSizes()
+        _trainer([callback], max_steps=1).fit(model)
+        assert model.sizes == [samples, samples, 8]  # original and converted probe, then the real step
+        reports[samples] = callback.report
+    assert reports[2].probe == "training_step on 2 of 8 samples of the first train batch"
+    assert reports[8].probe == "training_step on all 8 samples of the first train batch"
+    decisions = [[(r.fqn, r.action, r.strategy) for r in reports[n].rows] for n in (2, 8)]
+    assert decisions[0] == decisions[1] and reports[2].converted
+    assert reports[2].bytes_before < reports[8].bytes_before
+
+
+class _Pair:
+    """A batch whose fields differ in leading size, or that needs all of its list field."""
+
+    @staticmethod
+    def uneven(samples: list) -> tuple[Tensor, Tensor]:
+        return torch.stack([s[0] for s in samples]), torch.zeros(3)
+
+    @staticmethod
+    def with_names(samples: list) -> tuple[Tensor, list[str]]:
+        return torch.stack([s[0] for s in samples]), [f"s{i}" for i in range(len(samples))]
+
+
+@pytest.mark.parametrize(
+    ("collate", "probe"),
+    [
+        (_Pair.uneven, "training_step on the first train batch (whole: its tensors have no common leading size)"),
+        (_Pair.with_names, "training_step on all 8 samples of the first train batch (it failed on 2)"),
+    ],
+)
+def test_a_batch_that_cannot_be_sliced_is_probed_whole(collate: Callable, probe: str) -> None:
+    class LitWholeBatch(LitLMBatchSizes):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            ids, extra = batch
+            assert len(extra) in (3, len(ids))  # a step that needs every name of the batch
+            return super().training_step((ids,), batch_idx)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(_ids(8)), batch_size=8, collate_fn=collate)
+
+    callback, model = ApproxBP(), LitWholeBatch()
+    _trainer([callback], max_steps=1).fit(model)
+    assert callback.report.probe == probe and _converted(model)
+    assert model.sizes[-3:] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("samples", [0, -1, 1.5, True])
+def test_probe_samples_must_be_a_positive_int(samples: Any) -> None:
+    with pytest.raises(ValueError, match="`probe_samples` must be a positive int"):
+        ApproxBP(probe_samples=samples)
 
 
 def test_training_step_that_needs_the_optimizer_falls_back_to_no_probe() -> None:
@@ -194,7 +347,7 @@ def test_nothing_to_convert_warns() -> None:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"activations": False, "norms": False, "gated_mlp": False}, "enable at least one"),
+        ({"activations": False, "norms": False, "gated_mlp": False, "dropout": False}, "enable at least one"),
         ({"table": "paper", "bits": 1}, "pass bits=2"),
         ({"affine": "keep", "norms": False}, "norms=False"),
     ],
@@ -233,7 +386,7 @@ import json, os, sys
 import torch
 sys.path.insert(0, {root!r})
 from tests.callbacks.test_approxbp import LitLM, _trainer
-from lightning_approxbp import ApproxBP
+from lightning_approxbp import ApproxBP, convert
 
 callback = ApproxBP()
 model = LitLM()

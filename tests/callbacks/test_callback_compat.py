@@ -1,0 +1,78 @@
+"""The ApproxBP callback next to the Lightning callbacks and Trainer options fine-tuning relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_approxbp import ApproxBP
+from lightning_approxbp.plugins import ApproxBPPrecision
+from tests.callbacks.test_approxbp import LitLM, _converted, _ids, _llama, _trainer
+
+PROBE = "training_step on 2 of 4 samples of the first train batch"
+
+
+class LitLMBuiltInSetup(LitLM):
+    """The tiny LLaMA built in ``setup``, with a learning-rate schedule; 4 batches of 4."""
+
+    def _build(self) -> nn.Module | None:
+        return None
+
+    def setup(self, stage: str) -> None:
+        if self.model is None:
+            self.model = _llama()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(_ids(16)), batch_size=4)
+
+
+def test_model_checkpoint_and_learning_rate_monitor(tmp_path: Path) -> None:
+    callback, model = ApproxBP(), LitLMBuiltInSetup()
+    checkpoint, monitor = ModelCheckpoint(dirpath=tmp_path, save_last=True), LearningRateMonitor("step")
+    trainer = _trainer(
+        [callback, checkpoint, monitor], plugins=[ApproxBPPrecision("bf16-mixed")], max_steps=-1, max_epochs=1,
+        enable_checkpointing=True, logger=CSVLogger(tmp_path), log_every_n_steps=1,
+    )
+    trainer.fit(model)
+    assert _converted(model) and callback.report.probe == PROBE
+    assert monitor.lrs["lr-SGD"] == pytest.approx([0.1, 0.01, 0.001, 0.0001])
+    plain = LitLMBuiltInSetup()
+    plain.setup("fit")
+    plain.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"], strict=True)
+    assert not _converted(plain)
+
+
+def _fit(callbacks: list, **kwargs: Any) -> LightningModule:
+    model = LitLMBuiltInSetup()
+    _trainer(callbacks, max_steps=2, **kwargs).fit(model)
+    return model
+
+
+@pytest.mark.parametrize("option", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0}])
+def test_accumulation_and_clipping_train_as_without_approxbp(option: dict[str, Any]) -> None:
+    callback = ApproxBP()
+    assert _converted(_fit([callback], plugins=[ApproxBPPrecision("bf16-mixed")], **option))
+    assert callback.report.probe == PROBE
+
+    # without activation steps the conversion is exact: the same training, up to fp32 rounding
+    exact, reference = ApproxBP(activations=False), _fit([], **option)
+    converted = _fit([exact], **option)
+    assert _converted(converted) and exact.report.converted
+    for (name, actual), expected in zip(converted.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+    # the option must shape this training for the comparison to cover it
+    plain = _fit([])
+    assert any(not torch.equal(a, b) for a, b in zip(reference.parameters(), plain.parameters(), strict=True))
