@@ -174,3 +174,7 @@ def test_readme_results_from_committed_outputs() -> None:
     result = subprocess.run([sys.executable, str(BENCHMARKS / "make_readme_results.py"), "--stdout"], cwd=ROOT,
                             capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
     assert "| target (issue 5) |" in result.stdout
+    # The README's generated block is exactly the generator's output (no hand edits, not stale).
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- generated results: begin -->")[1].split("<!-- generated results: end -->")[0]
+    assert block.strip() == result.stdout.strip().removeprefix("## Results").strip()
