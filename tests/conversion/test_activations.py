@@ -66,7 +66,7 @@ def test_function_attribute_of_transformer_encoder_layer() -> None:
     assert report.row("activation").kind == "function gelu"
     relu_layer = nn.TransformerEncoderLayer(16, 2, 32, activation="relu")
     with pytest.warns(UserWarning, match="nothing to convert"):
-        convert(relu_layer, norms=False)
+        convert(relu_layer, norms=False, dropout=False)
     assert relu_layer.activation is F.relu
 
 

@@ -161,7 +161,7 @@ def test_without_probe_norms_keep_their_affine(name: str) -> None:
     report = convert(model)
     assert report.bytes_before is None and report.notes and "no probe batch" in report.notes[0]
     assert "keep" in report.row("model.norm").strategy, report.row("model.norm").reason
-    assert report.row("model.layers.0.mlp.act_fn").action == "converted"
+    assert report.row("model.layers.0.mlp").strategy.startswith("fused gated MLP")  # needs no probe
 
 
 def test_small_weight_is_never_kept() -> None:
@@ -187,8 +187,8 @@ def test_filter_limits_the_conversion() -> None:
     case = CASES["llama"]
     model = case.build()
     report = convert(model, case.batch, filter=lambda module, fqn: "layers.0." in fqn)
-    assert {row.fqn for row in report.rows if "Norm" in row.kind or "Activation" in row.kind} == {
-        "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm", "model.layers.0.mlp.act_fn",
+    assert {row.fqn for row in report.rows if "Norm" in row.kind or "MLP" in row.kind} == {
+        "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm", "model.layers.0.mlp",
     }
 
 
@@ -304,7 +304,7 @@ def test_torch_checkpoint(use_reentrant: bool) -> None:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"activations": False, "norms": False, "gated_mlp": False}, "nothing to convert"),
+        ({"activations": False, "norms": False, "gated_mlp": False, "dropout": False}, "nothing to convert"),
         ({"bits": 3}, "bits=3"),
         ({"table": "paper", "bits": 4}, "pass bits=2"),
         ({"table": "best"}, "table='best'"),
