@@ -42,7 +42,7 @@ def identify_activation(candidate: Callable[[Tensor], Tensor]) -> str | None:
     """The activation name whose exact forward ``candidate`` reproduces in fp32, else ``None``."""
     x = _probe_tensor()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             out = candidate(x.clone())
     except Exception:  # noqa: BLE001 - anything that cannot run on a plain tensor is not an activation
         return None

@@ -23,6 +23,10 @@ class ConversionConfig:
         gated_mlp: fuse the down projection of gated MLPs (SwiGLU/GeGLU: LLaMA, Mistral, Qwen2,
             Gemma, ...) so that only the gate and up outputs are saved; exact gradients, their
             activation is not approximated.
+        share_norm_output: where a norm keeps its affine because its output also feeds
+            something other than linear layers (post-LN blocks: BERT, RoBERTa), its consuming
+            linear layers save the norm's output itself (what the norm saves anyway) instead of
+            their own autocast copy, and cast it again in backward; bit-identical gradients.
         bits: bits saved per activation element (1, 2 or 4).
         table: ``"fitted"``, ``"paper"`` (2 bits, GELU and SiLU only) or a
             :class:`~lightning_approxbp.tables.StepTable` (then one activation kind only).
@@ -45,6 +49,7 @@ class ConversionConfig:
     norms: bool = True
     gated_mlp: bool = True
     dropout: bool = True
+    share_norm_output: bool = True
     bits: int = 2
     table: StepTable | str = "fitted"
     affine: str = "auto"

@@ -23,7 +23,7 @@ from lightning_approxbp.conversion.gated_mlp import (
     build_fused_gated_mlp,
     detect_gated_mlp,
 )
-from lightning_approxbp.conversion.merged import is_merged, merge_into
+from lightning_approxbp.conversion.merged import is_merged, merge_into, share_input_of
 from lightning_approxbp.conversion.norms import (
     ConvertedNorm,
     NormSpec,
@@ -62,6 +62,7 @@ class _NormCandidate:
 class _Decision:
     strategy: str | None  # None: skip
     dtype_policy: str = "input"
+    # merge: the linear layers that take the affine; otherwise: those that share the output
     consumers: list[nn.Module] = field(default_factory=list)
     reason: str = ""
 
@@ -87,8 +88,9 @@ def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
     traced = uses is not None and uses.called
     linear_only = traced and uses.all_linear
     dtype_policy = "autocast" if linear_only else "input"
+    sharing = uses.consumers if traced and config.share_norm_output else []
     if not (spec.has_weight or spec.has_bias):
-        return _Decision("plain", dtype_policy, reason="no affine parameters: exact")
+        return _Decision("plain", dtype_policy, sharing, reason="no affine parameters: exact")
     blockers = "" if not traced else ", ".join(uses.blockers()[:4])
     if traced and uses.all_mergeable and _features(spec) is not None:
         merge_reason = f"affine applied in {len(uses.consumers)} consumer(s): exact"
@@ -108,7 +110,7 @@ def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
         keep_reason += f", min |weight| = {smallest:.2g}"
     if dtype_policy == "input":
         keep_reason += "; emits its input dtype under autocast (output feeds more than linear layers)"
-    return _Decision("keep", dtype_policy, reason=keep_reason)
+    return _Decision("keep", dtype_policy, sharing, reason=keep_reason)
 
 
 class _Conversion:
@@ -252,8 +254,12 @@ class _Conversion:
         self.report.add(site.fqn, kind, "converted", strategy, decision.reason)
         for consumer in decision.consumers:
             consumer_site = self.site_of[id(consumer)]
-            self.log.replace_site(consumer_site, merge_into(consumer, new))
-            self.report.add(consumer_site.fqn, type(consumer).__name__, "converted", f"applies affine of {site.fqn}")
+            if decision.strategy == "merge":
+                replacement, strategy = merge_into(consumer, new), f"applies affine of {site.fqn}"
+            else:
+                replacement, strategy = share_input_of(consumer), f"saves the output of {site.fqn}, no copy"
+            self.log.replace_site(consumer_site, replacement)
+            self.report.add(consumer_site.fqn, type(consumer).__name__, "converted", strategy)
 
     def _step(self, name: str) -> StepActivation:
         return StepActivation(name, bits=self.config.bits, table=self.config.table_for(name))

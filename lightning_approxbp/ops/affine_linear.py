@@ -5,7 +5,10 @@ where ``x`` is the affine-free output of a memory-sharing norm. The affine input
 ``z = x * gamma + beta`` is a temporary: it is used by the matmul and freed, never saved.
 
 Saved for backward: ``x`` (the very tensor the norm saved, so no extra activation memory) and
-the parameters (references, not copies). Recomputed in backward: ``z``. Gradients for ``x``,
+the parameters (references, not copies). Recomputed in backward: ``z``, and with
+``share_input=True`` also the cast of ``x`` to the compute dtype: a norm that emits fp32 (its
+output also feeds the residual stream) saves that fp32 tensor anyway, so a consumer that keeps a
+reference to it instead of its own bf16 copy shares the norm's activation. Gradients for ``x``,
 ``gamma``, ``beta``, ``weight`` and ``bias`` are those of the unmerged computation, so training
 dynamics are the original ones and no parameter changes value or name.
 
@@ -62,17 +65,21 @@ class AffineLinearFunction(torch.autograd.Function):
         offset: float,
         transposed: bool,
         dtype: torch.dtype,
+        share_input: bool,
     ) -> Tensor:
         x_c = x.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             out = _matmul(_affine(x_c, gamma, beta, offset), weight, bias, transposed)
-        ctx.save_for_backward(x_c, gamma, beta, weight, bias)
-        ctx.offset, ctx.transposed, ctx.input_dtype = offset, transposed, x.dtype
+        # Only an input in the autograd graph was saved by the norm that made it: sharing a
+        # no-grad input (a frozen embedding's norm) would keep the wider tensor for nothing.
+        ctx.save_for_backward(x if share_input and x.requires_grad else x_c, gamma, beta, weight, bias)
+        ctx.offset, ctx.transposed, ctx.input_dtype, ctx.dtype = offset, transposed, x.dtype, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        x_c, gamma, beta, weight, bias = ctx.saved_tensors
+        saved_x, gamma, beta, weight, bias = ctx.saved_tensors
+        x_c = saved_x.to(ctx.dtype)
         offset, transposed, input_dtype = ctx.offset, ctx.transposed, ctx.input_dtype
         needs_x, needs_gamma, needs_beta, needs_weight, needs_bias = ctx.needs_input_grad[:5]
         n_in = x_c.shape[-1]
@@ -96,7 +103,7 @@ class AffineLinearFunction(torch.autograd.Function):
                 if needs_beta and beta is not None:
                     grad_beta = grad_z.sum(dim=0).to(beta.dtype)
         grads = guard_double_backward((grad_x, grad_gamma, grad_beta, grad_weight, grad_bias), grad_output, OP_NAME)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def affine_linear(
@@ -108,6 +115,7 @@ def affine_linear(
     *,
     offset: float = 0.0,
     transposed: bool = False,
+    share_input: bool = False,
 ) -> Tensor:
     """Apply a norm's affine ``(gamma + offset, beta)`` and then a linear layer, saving only ``x``.
 
@@ -119,6 +127,11 @@ def affine_linear(
         weight: ``out x in`` (``nn.Linear``) or ``in x out`` with ``transposed=True`` (``Conv1D``).
         bias: the linear layer's bias.
         offset: constant added to ``gamma`` (``1.0`` for Gemma's ``(1 + w)``).
+        transposed: ``weight`` is ``in x out`` (transformers ``Conv1D``).
+        share_input: save ``x`` itself (a reference) rather than its cast to the autocast dtype,
+            and cast again in backward, when ``x`` requires grad. Saves memory when something
+            else keeps ``x`` for backward anyway (a memory-sharing norm's output); costs memory
+            otherwise.
 
     Example::
 
@@ -130,4 +143,4 @@ def affine_linear(
     """
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    return AffineLinearFunction.apply(x, gamma, beta, weight, bias, offset, transposed, dtype)
+    return AffineLinearFunction.apply(x, gamma, beta, weight, bias, offset, transposed, dtype, share_input)

@@ -47,3 +47,37 @@ def test_autocast_runs_in_the_autocast_dtype_and_shares_a_bf16_input() -> None:
     assert layer.weight.grad.dtype == torch.float32 and gamma.grad.dtype == torch.float32
     expected = torch.nn.functional.linear(x.float() * gamma, layer.weight, layer.bias)
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_share_input_saves_the_given_tensor_and_gives_bit_identical_gradients(transposed: bool) -> None:
+    """An fp32 input under bf16 autocast: saved by reference (no bf16 copy), cast again in backward."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(16, 24) if transposed else torch.randn(24, 16))
+    bias = torch.nn.Parameter(torch.randn(24))
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    grad = torch.randn(2, 7, 24, dtype=torch.bfloat16)
+    results = {}
+    for share in (False, True):
+        saved: list[torch.Tensor] = []
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t
+        ):
+            out = affine_linear(x, None, None, weight, bias, transposed=transposed, share_input=share)
+        activations = [t for t in saved if t.untyped_storage().data_ptr() not in (weight.data_ptr(), bias.data_ptr())]
+        results[share] = (out, *torch.autograd.grad(out, (x, weight, bias), grad), activations)
+    (out0, *grads0, saved0), (out1, *grads1, saved1) = results[False], results[True]
+    assert [t.dtype for t in saved0] == [torch.bfloat16]
+    assert len(saved1) == 1 and saved1[0] is x
+    assert torch.equal(out0, out1)
+    for a, b in zip(grads0, grads1, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_share_input_keeps_its_own_copy_of_an_input_outside_the_graph() -> None:
+    """No norm saved a no-grad input (e.g. behind frozen embeddings): keep the narrow bf16 copy."""
+    weight = torch.nn.Parameter(torch.randn(24, 16))
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), SavedTensorCounter(exclude=[weight]) as counter:
+        affine_linear(x, None, None, weight, None, share_input=True)
+    assert counter.stats.bytes_by_dtype == {"bfloat16": x.numel() * 2}

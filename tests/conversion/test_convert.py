@@ -371,3 +371,44 @@ def test_a_kept_affine_whose_weight_becomes_unsafe_falls_back_to_exact_saving() 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once, not at every step
         case.forward_loss(model).backward()
+
+
+def _bf16_step(case: Case, model: nn.Module) -> tuple[int, Tensor, Tensor]:
+    """Saved bytes, output and gradients of one bf16-autocast step."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), SavedTensorCounter(exclude=model.parameters()) as counter:
+        output = case.call(model)
+    loss = case.loss(output)
+    loss.backward()
+    return counter.stats.activation_bytes, output_tensors(output)[0], _grads(model)
+
+
+@pytest.mark.parametrize("name", ["bert", "peft_bert"])
+def test_post_ln_consumers_share_the_norm_output_bit_identically(name: str) -> None:
+    """Post-LN: the norm output is the fp32 residual stream; q/k/v and the MLP input keep a
+    reference to it (the norm saves it anyway) instead of a bf16 copy each."""
+    case = CASES[name]
+    model = case.build().train()
+    results = {}
+    for share in (False, True):
+        converted = copy.deepcopy(model)
+        report = convert(converted, case.batch, share_norm_output=share)
+        results[share] = _bf16_step(case, converted)
+    sharing = [row.fqn for row in report.rows if row.strategy.endswith(", no copy")]
+    assert len(sharing) >= 8  # q, k, v and the MLP input of both layers (plus LoRA's A where it reads the norm)
+    (bytes_copy, out_copy, grads_copy), (bytes_shared, out_shared, grads_shared) = results[False], results[True]
+    assert torch.equal(out_copy, out_shared) and torch.equal(grads_copy, grads_shared)
+    if name == "bert":  # all trainable: each stops keeping autocast's bf16 copies of its input and weight
+        layers = dict(model.named_modules())
+        tokens = case.batch["input_ids"].numel()
+        copies = sum((tokens + layers[fqn].out_features) * layers[fqn].in_features * 2 for fqn in sharing)
+        assert bytes_copy - bytes_shared == copies
+    else:  # frozen embeddings: layer 0's inputs need no grad, the norm saved nothing to share there
+        assert bytes_shared < bytes_copy
+
+
+def test_convert_under_autocast_still_recognises_norms() -> None:
+    """Detection compares formulas; an autocast context around convert must not change them."""
+    case = CASES["bert"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = convert(case.build(), case.batch)
+    assert report.row("bert.encoder.layer.0.output.LayerNorm").action == "converted"
