@@ -21,8 +21,9 @@ class ConversionConfig:
         dropout: replace ``torch.nn.Dropout`` modules by ones that save no mask (they redraw the
             same mask from the saved RNG state in backward; bit-identical masks and gradients).
         gated_mlp: fuse the down projection of gated MLPs (SwiGLU/GeGLU: LLaMA, Mistral, Qwen2,
-            Gemma, ...) so that only the gate and up outputs are saved; exact gradients, their
-            activation is not approximated.
+            Gemma, ...) and of gated mixture-of-experts experts (Mixtral, Qwen2-MoE, ...) so that
+            only the gate and up outputs are saved; exact gradients, their activation is not
+            approximated.
         share_norm_output: where a norm keeps its affine because its output also feeds
             something other than linear layers (post-LN blocks: BERT, RoBERTa), its consuming
             linear layers save the norm's output itself (what the norm saves anyway) instead of

@@ -17,6 +17,12 @@ from lightning_approxbp.conversion.activations import (
 )
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses
+from lightning_approxbp.conversion.gated_experts import (
+    FusedGatedExperts,
+    GatedExpertsSpec,
+    build_fused_gated_experts,
+    detect_gated_experts,
+)
 from lightning_approxbp.conversion.gated_mlp import (
     FusedGatedMLP,
     GatedMLPSpec,
@@ -68,7 +74,8 @@ class _Decision:
 
 
 def _is_converted(module: nn.Module) -> bool:
-    return isinstance(module, (StepActivation, ConvertedNorm, FusedGatedMLP, RegeneratedDropout)) or is_merged(module)
+    converted = (StepActivation, ConvertedNorm, FusedGatedMLP, FusedGatedExperts, RegeneratedDropout)
+    return isinstance(module, converted) or is_merged(module)
 
 
 def _features(spec: NormSpec) -> int | None:
@@ -127,7 +134,7 @@ class _Conversion:
         self.norms: list[_NormCandidate] = []
         self.activations: list[tuple[Site, str]] = []
         self.function_activations: list[tuple[Site, str, str]] = []
-        self.gated_mlps: list[tuple[Site, GatedMLPSpec]] = []
+        self.gated_mlps: list[tuple[Site, GatedMLPSpec | GatedExpertsSpec]] = []
         self.dropouts: list[Site] = []
         # Activations computed exactly inside a fused gated MLP: not converted on their own.
         self.fused_activations: set[int] = set()
@@ -140,7 +147,7 @@ class _Conversion:
                 continue
             if _is_converted(module):
                 self.report.add(site.fqn, type(module).__name__, "unchanged", reason="already converted")
-                if isinstance(module, FusedGatedMLP):
+                if isinstance(module, (FusedGatedMLP, FusedGatedExperts)):
                     self._skip_fused_activation(module, module.spec)
                 continue
             if self.filter is not None and not self.filter(module, site.fqn):
@@ -159,17 +166,21 @@ class _Conversion:
                 self._add_activation(site)
 
     def _add_gated_mlp(self, site: Site) -> bool:
-        """Record a fusable gated MLP (True), or report why a gated MLP cannot be fused."""
+        """Record a fusable gated MLP or set of gated experts (True), or report why one cannot be fused."""
         spec, why_not = detect_gated_mlp(site.module)
         if why_not is not None:
             self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=f"gated MLP not fused: {why_not}")
+        if spec is None and why_not is None:
+            spec, why_not = detect_gated_experts(site.module)
+            if why_not is not None:
+                self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=why_not)
         if spec is None or not site.holders:
             return False
         self.gated_mlps.append((site, spec))
         self._skip_fused_activation(site.module, spec)
         return True
 
-    def _skip_fused_activation(self, mlp: nn.Module, spec: GatedMLPSpec) -> None:
+    def _skip_fused_activation(self, mlp: nn.Module, spec: GatedMLPSpec | GatedExpertsSpec) -> None:
         if spec.activation_child is not None:
             self.fused_activations.add(id(getattr(mlp, spec.activation_child)))
 
@@ -231,9 +242,15 @@ class _Conversion:
             self._apply_norm(candidate)
         # After the norms: a merged gate/up projection is then the child the fused MLP holds.
         for site, spec in self.gated_mlps:
+            kind = type(site.module).__name__
+            if isinstance(spec, GatedExpertsSpec):
+                self.log.replace_site(site, build_fused_gated_experts(site.module, spec))
+                self.report.add(site.fqn, kind, "converted", f"fused gated experts ({spec.activation})",
+                                "each expert saves its gate and up outputs only; exact gradients")
+                continue
             self.log.replace_site(site, build_fused_gated_mlp(site.module, spec))
             self.report.add(
-                site.fqn, type(site.module).__name__, "converted", f"fused gated MLP ({spec.activation})",
+                site.fqn, kind, "converted", f"fused gated MLP ({spec.activation})",
                 f"saves the {spec.gate} and {spec.up} outputs only; exact gradients",
             )
         order = {site.fqn: index for index, site in enumerate(self.sites)}
@@ -316,8 +333,8 @@ def convert(
             :class:`~lightning_approxbp.conversion.config.ConversionConfig`); default: the
             defaults of its fields, overridden by ``options``.
         options: the fields of ``ConversionConfig`` as keywords (``activations``, ``norms``,
-            ``bits``, ``table``, ``affine``, ``verify``, ``min_keep_weight``, ``tolerance``),
-            instead of ``config``.
+            ``gated_mlp``, ``dropout``, ``share_norm_output``, ``bits``, ``table``, ``affine``,
+            ``verify``, ``min_keep_weight``, ``tolerance``), instead of ``config``.
         filter: ``(module, fqn) -> bool``; only norms and activations for which it returns
             ``True`` are considered.
         probe: instead of ``example_input``, a function that runs the model once the way

@@ -63,7 +63,7 @@ def _projections(module: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _activation(module: nn.Module) -> tuple[str, str | None] | None:
+def find_activation(module: nn.Module) -> tuple[str, str | None] | None:
     """(registry name, child name or ``None`` for a function attribute) of the one activation."""
     found = []
     for name, child in module.named_children():
@@ -86,7 +86,7 @@ def detect_gated_mlp(module: nn.Module) -> tuple[GatedMLPSpec | None, str | None
     projections = _projections(module)
     if len(projections) != 3 or next(module.parameters(recurse=False), None) is not None:
         return None, None
-    activation = _activation(module)
+    activation = find_activation(module)
     if activation is None:
         return None, None
     sizes = {name: (p.in_features, p.out_features) for name, p in projections.items()}
