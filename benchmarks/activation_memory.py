@@ -61,10 +61,12 @@ import argparse
 import contextlib
 import copy
 import gc
+import json
 import multiprocessing
+import re
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +230,9 @@ class BlockSaveRecorder:
             # Saved outside the block (by the block before it, e.g. its norm's output): the
             # block referencing it again costs nothing.
             self.seen.add(tensor.untyped_storage().data_ptr())
-        return tensor
+        # detached: an output kept as itself would form a cycle with its grad_fn that gc cannot
+        # see, and the never-run graph (with the model copy's weights) would stay alive
+        return tensor.detach()
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module is self.block and self.checkpointed and not self.stack and torch.is_grad_enabled():
@@ -451,6 +455,37 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+PARTS_DIR = ".activation_memory_parts"
+
+
+def measure_in_fresh_processes(names: list[str], precisions: tuple[str, ...], parts: Path | None) -> list[dict[str, Any]]:
+    """Every model in its own fresh process: the 7B-shaped layers' copies leave the allocator
+    holding memory that a long-lived process would accumulate (it reached 22 GB on a 24 GB machine).
+
+    Each finished model is kept in ``parts`` (removed once all are done), so a run that dies
+    (e.g. killed for memory) resumes at the first model it did not finish.
+    """
+    if parts is not None:
+        parts.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    spawn = multiprocessing.get_context("spawn")
+    for name in names:
+        part = parts / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}.json" if parts is not None else None
+        if part is not None and part.exists():
+            rows += json.loads(part.read_text())
+            print(f"{name}: kept from an earlier run ({part})", flush=True)
+            continue
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            measured = pool.submit(measure_model, name, False, precisions).result()
+        if part is not None:
+            part.write_text(json.dumps(measured))
+        rows += measured
+        print(f"{name}: done", flush=True)
+    if parts is not None:
+        shutil.rmtree(parts)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy widths, 3 models, bf16-mixed only")
@@ -465,13 +500,7 @@ def main() -> None:
         for name in names:
             rows += measure_model(name, args.quick, precisions)
     else:
-        # One fresh process per model: the 7B-shaped layers' copies leave the allocator holding
-        # memory that a long-lived process would accumulate (it reached 22 GB on a 24 GB machine).
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
-            for name, measured in zip(names, pool.map(measure_model, names, repeat(False), repeat(precisions))):
-                rows += measured
-                print(f"{name}: done", flush=True)
+        rows = measure_in_fresh_processes(names, precisions, out / PARTS_DIR if out is not None else None)
     ratios(rows)
     targets = target_rows(rows)
     machine = machine_name(torch.device("cpu"))

@@ -54,6 +54,9 @@ class SavedTensorCounter:
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _pack(self, tensor: Tensor) -> Tensor:
+        # Kept detached: a saved *output* kept as itself would point back at its own grad_fn, a
+        # cycle through C++ that Python's gc cannot see, so a graph never run backward (a probe,
+        # an evaluation) would keep every tensor and parameter it reached alive for good.
         key = _storage_key(tensor)
         if key not in self._seen:
             self._seen.add(key)
@@ -64,7 +67,7 @@ class SavedTensorCounter:
                 self.stats.activation_bytes += nbytes
                 dtype = str(tensor.dtype).removeprefix("torch.")
                 self.stats.bytes_by_dtype[dtype] = self.stats.bytes_by_dtype.get(dtype, 0) + nbytes
-        return tensor
+        return tensor.detach()
 
     def __enter__(self) -> SavedTensorCounter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -71,3 +75,26 @@ def test_counter_counts_views_of_one_storage_once():
         y = x * 2
         (y[:4] * y[4:]).sum()
     assert counter.stats.activation_bytes == 4 * 64  # two views saved, one storage counted
+
+
+def test_counting_keeps_no_graph_alive_and_leaves_gradients_unchanged() -> None:
+    """A probe that never runs backward must free its graph (and the weights it reaches) when dropped."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    weight = weakref.ref(layer.weight)
+    with SavedTensorCounter() as counter:
+        out = layer(torch.randn(3, 8, requires_grad=True)).exp()  # exp saves its output
+    assert counter.stats.activation_bytes > 0
+    del out, layer
+    gc.collect()
+    assert weight() is None
+
+    layer, x = torch.nn.Linear(8, 8), torch.randn(3, 8)
+    grads = []
+    for counting in (False, True):
+        layer.zero_grad()
+        with SavedTensorCounter() if counting else contextlib.nullcontext():
+            out = layer(x).exp().sum()
+        out.backward()
+        grads.append(layer.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])
