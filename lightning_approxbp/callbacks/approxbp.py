@@ -14,10 +14,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
@@ -44,7 +47,12 @@ class ApproxBP(Callback):
     When fitting, the LightningModule is converted in place by
     :func:`~lightning_approxbp.conversion.convert` right after its own ``setup`` and
     ``configure_model`` hooks (so layers built there are included) and before the device move,
-    DDP/FSDP wrapping and ``configure_optimizers``:
+    DDP/FSDP wrapping and ``configure_optimizers``. Under ``ModelParallelStrategy``, where
+    ``configure_model`` shards (FSDP2 ``fully_shard``, tensor parallelism) and modules replaced
+    after it would break the sharding, the layers built in ``__init__``/``setup`` are converted
+    before ``configure_model`` runs; layers that ``configure_model`` builds and shards itself
+    need ``convert(...)`` called there before ``fully_shard`` (the callback then leaves the
+    model alone, and says so with an error otherwise):
 
     - GELU/SiLU-family activations keep their exact forward and save ``bits`` per element for
       a step-function derivative (the only approximation: gradients through activations);
@@ -73,6 +81,8 @@ class ApproxBP(Callback):
         norms: convert norms.
         gated_mlp: fuse gated MLPs' down projections (saves gate and up outputs only; exact).
         dropout: make ``nn.Dropout`` modules redraw their mask in backward instead of saving it.
+        share_norm_output: post-LN blocks: linears reading a norm's output save that tensor (which
+            the norm saves anyway) rather than their own autocast copy; bit-identical.
         bits: bits per activation element (1, 2 or 4).
         table: ``"fitted"``, ``"paper"`` or a :class:`~lightning_approxbp.tables.StepTable`.
         affine: ``"auto"``, ``"merge"`` or ``"keep"``; see
@@ -89,7 +99,8 @@ class ApproxBP(Callback):
 
     Raises:
         ValueError: at construction, for unknown or conflicting options.
-        RuntimeError: at conversion if verification finds a different output.
+        RuntimeError: at conversion if verification finds a different output, or when modules are
+            already managed by FSDP or tensor parallelism (the message says how to convert first).
 
     Example::
 
@@ -108,11 +119,12 @@ class ApproxBP(Callback):
         norms: bool = True,
         gated_mlp: bool = True,
         dropout: bool = True,
+        share_norm_output: bool = True,
         bits: int = 2,
         table: StepTable | str = "fitted",
         affine: str = "auto",
         verify: bool = True,
-        filter: ModuleFilter | None = None,  # noqa: A002 - same name as convert()
+        filter: ModuleFilter | None = None,
         example_input: Any = None,
         min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT,
         tolerance: float | None = None,
@@ -129,6 +141,7 @@ class ApproxBP(Callback):
             "norms": norms,
             "gated_mlp": gated_mlp,
             "dropout": dropout,
+            "share_norm_output": share_norm_output,
             "bits": bits,
             "table": table,
             "affine": affine,
@@ -150,19 +163,49 @@ class ApproxBP(Callback):
         if stage != "fit" or (self._converted is not None and self._converted() is pl_module):
             return
         _drop_pending(pl_module)  # left by an earlier call that never reached the hook
-        # convert after the last model hook Lightning will call (`configure_model` only if overridden)
-        hook = _MODEL_HOOKS[-1] if is_overridden(_MODEL_HOOKS[-1], pl_module) else _MODEL_HOOKS[0]
-        original = getattr(pl_module, hook)
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            hook, wrapper = "configure_model", self._convert_before_sharding(trainer, pl_module)
+        else:
+            # convert after the last model hook Lightning will call (`configure_model` only if overridden)
+            hook = _MODEL_HOOKS[-1] if is_overridden(_MODEL_HOOKS[-1], pl_module) else _MODEL_HOOKS[0]
+            wrapper = self._convert_after(getattr(pl_module, hook), trainer, pl_module)
+        # what to put back: an attribute the instance had itself, else nothing (the class's method)
+        setattr(wrapper, _PENDING, vars(pl_module).get(hook))
+        setattr(pl_module, hook, wrapper)
 
+    def _convert_after(
+        self, original: Callable[..., Any], trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> Callable[..., Any]:
         def hook_then_convert(*args: Any, **kwargs: Any) -> Any:
             _drop_pending(pl_module)  # the original hook is back before anything can fail
             output = original(*args, **kwargs)
             self._convert(trainer, pl_module)
             return output
 
-        # what to put back: an attribute the instance had itself, else nothing (the class's method)
-        setattr(hook_then_convert, _PENDING, vars(pl_module).get(hook))
-        setattr(pl_module, hook, hook_then_convert)
+        return hook_then_convert
+
+    def _convert_before_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[..., Any]:
+        """Under ``ModelParallelStrategy``, convert before the user's ``configure_model`` shards the model.
+
+        ``fully_shard`` (FSDP2) and tensor parallelism keep (module, parameter name) pairs and
+        swap parameters in and out around each forward, so modules replaced after them break.
+        Layers built in ``__init__``/``setup`` are converted before ``configure_model`` runs;
+        when the model has no layers yet (all built in ``configure_model``), it is converted after
+        ``configure_model`` if that left it unsharded, else :func:`_refuse_sharded` says what to do.
+        """
+        original = pl_module.configure_model
+
+        def convert_then_hook(*args: Any, **kwargs: Any) -> Any:
+            _drop_pending(pl_module)
+            built = any(True for _ in pl_module.parameters())
+            if built:
+                self._convert(trainer, pl_module)
+            output = original(*args, **kwargs)
+            if not built and not _converted_by_user(pl_module):
+                self._convert(trainer, pl_module)
+            return output
+
+        return convert_then_hook
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -170,6 +213,7 @@ class ApproxBP(Callback):
         _drop_pending(pl_module)
 
     def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _refuse_sharded(pl_module)
         failure: BaseException | None = None
         for probe, label in self._probes(trainer, pl_module):
             try:
@@ -214,6 +258,32 @@ class ApproxBP(Callback):
             # a step may need the whole batch (e.g. a non-tensor field of batch length)
             (whole, f"training_step on all {size} samples of the first train batch (it failed on {samples})"),
         ]
+
+
+def _refuse_sharded(pl_module: pl.LightningModule) -> None:
+    """Raise when FSDP (1 or 2) or tensor parallelism already manage modules: replacing them now would break them."""
+    sharded = [
+        name or type(pl_module).__name__
+        for name, module in pl_module.named_modules()
+        if isinstance(module, (FSDPModule, FullyShardedDataParallel))
+        or any(isinstance(p, DTensor) for p in module.parameters(recurse=False))
+    ]
+    if sharded:
+        shown = ", ".join(sharded[:3]) + (f" and {len(sharded) - 3} more" if len(sharded) > 3 else "")
+        raise RuntimeError(
+            f"ApproxBP must convert the model before it is sharded, but {shown} are already managed by FSDP or "
+            "tensor parallelism (e.g. `fully_shard` in `configure_model`): they keep (module, parameter name) pairs, "
+            "so modules replaced now would break them. Build the layers in `__init__` or `setup` (the callback then "
+            "converts them before `configure_model` runs), or call `lightning_approxbp.convert(model, example_input)` "
+            "in `configure_model` before `fully_shard`/`parallelize_module` (the callback then leaves the model alone)."
+        )
+
+
+def _converted_by_user(pl_module: pl.LightningModule) -> bool:
+    """Whether the model already holds modules of this package (``convert`` called in ``configure_model``)."""
+    return any(
+        cls.__module__.startswith("lightning_approxbp.") for module in pl_module.modules() for cls in type(module).__mro__
+    )
 
 
 def _drop_pending(pl_module: pl.LightningModule) -> None:

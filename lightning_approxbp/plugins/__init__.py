@@ -6,18 +6,22 @@ from lightning_approxbp.plugins.module_transforms import (
 )
 from lightning_approxbp.plugins.precision import (
     ApproxBPDoublePrecision,
+    ApproxBPFSDPPrecision,
     ApproxBPHalfPrecision,
     ApproxBPMixedPrecision,
     ApproxBPPrecision,
     ApproxBPSinglePrecision,
+    choose_precision,
 )
 
 __all__ = [
     "ApproxBPDoublePrecision",
+    "ApproxBPFSDPPrecision",
     "ApproxBPHalfPrecision",
     "ApproxBPMixedPrecision",
     "ApproxBPPrecision",
     "ApproxBPSinglePrecision",
+    "choose_precision",
     "recast_trainable_weights",
     "store_frozen_weights",
 ]

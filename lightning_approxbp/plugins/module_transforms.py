@@ -10,6 +10,7 @@ from types import MethodType
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 from lightning_approxbp.conversion.merged import MERGED_TYPES
@@ -28,8 +29,10 @@ def store_frozen_weights(module: nn.Module, dtype: torch.dtype) -> dict[nn.Param
     A parameter is converted only when it does not require grad, is floating point and wider
     than ``dtype``, and every module that holds it is an exact ``nn.Linear``/``nn.ConvNd``,
     transformers ``Conv1D`` or ApproxBP merged linear (a weight tied to an embedding is left
-    alone). Parameter objects are
-    kept, so references (optimizers, tied modules) stay valid.
+    alone). Parameter objects are kept, so references (optimizers, tied modules) stay valid.
+    Sharded (``DTensor``) parameters are left alone: FSDP2 all-gathers from buffers whose dtype
+    it fixed at ``fully_shard`` (its ``MixedPrecisionPolicy(param_dtype=...)`` is the way to
+    gather them in half precision).
 
     Returns:
         The converted parameters and their original dtypes.
@@ -47,7 +50,7 @@ def store_frozen_weights(module: nn.Module, dtype: torch.dtype) -> dict[nn.Param
             owners.setdefault(param, []).append(submodule)
     converted: dict[nn.Parameter, torch.dtype] = {}
     for param, holders in owners.items():
-        if param.requires_grad or not param.is_floating_point():
+        if param.requires_grad or not param.is_floating_point() or isinstance(param, DTensor):
             continue
         if torch.finfo(param.dtype).bits <= torch.finfo(dtype).bits:
             continue
@@ -86,12 +89,17 @@ def recast_trainable_weights(module: nn.Module) -> list[nn.Linear]:
 
 def _linear_recasting_in_backward(self: nn.Linear, x: Tensor) -> Tensor:
     device_type = x.device.type
-    if not (torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and self.weight.requires_grad):
-        return F.linear(x, self.weight, self.bias)
+    weight = self.weight
+    # A DTensor weight here is tensor-parallel (FSDP2 gathers plain tensors before forward): its
+    # sharded matmul belongs to DTensor's own linear.
+    if not (torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and weight.requires_grad) or isinstance(
+        weight, DTensor
+    ):
+        return F.linear(x, weight, self.bias)
     # The affine-merged linear with no affine: saves the input in the autocast dtype and a
     # reference to the fp32 weight, casts the weight again in backward, and runs the matmuls
     # autograd runs for autocast's linear (bit-identical results).
-    return affine_linear(x, None, None, self.weight, self.bias)
+    return affine_linear(x, None, None, weight, self.bias)
 
 
 def _is_autocast_cast(module: nn.Module) -> bool:

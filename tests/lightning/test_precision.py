@@ -5,25 +5,84 @@ forward, fewer saved bytes), norm/linear sharing, loss scaling."""
 from __future__ import annotations
 
 import copy
+import logging
+import pickle
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BackboneFinetuning
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
-from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.plugins.precision import (
+    DoublePrecision,
+    FSDPPrecision,
+    HalfPrecision,
+    MixedPrecision,
+    Precision,
+)
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_approxbp.nn import MSLayerNorm, StepActivation
-from lightning_approxbp.plugins import ApproxBPPrecision, store_frozen_weights
+from lightning_approxbp.plugins import (
+    ApproxBPFSDPPrecision,
+    ApproxBPPrecision,
+    store_frozen_weights,
+)
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 
 HALF = {"bf16": torch.bfloat16, "16": torch.float16}
 LIGHTNING_FAMILIES = (MixedPrecision, HalfPrecision, DoublePrecision)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "cuda_bf16", "cpu_bf16", "device", "expected"),
+    [
+        (True, True, False, None, "bf16-mixed"),  # Ampere or later
+        (True, False, True, None, "16-mixed"),  # an older GPU; the CPU does not decide
+        (True, True, False, "cpu", "32-true"),  # the device asked for decides, not the one present
+        (False, False, True, None, "bf16-mixed"),  # a CPU with AVX512-BF16/AMX
+        (False, False, False, None, "32-true"),  # AVX2 only
+        (False, True, True, "mps", "32-true"),
+    ],
+    ids=["cuda-bf16", "cuda-fp16-only", "cpu-asked-on-a-gpu-machine", "cpu-bf16", "cpu-avx2", "mps"],
+)
+def test_auto_picks_the_precision_the_hardware_computes_natively(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    cuda: bool, cuda_bf16: bool, cpu_bf16: bool, device: str | None, expected: str,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_bf16 and not including_emulation)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: cpu_bf16)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        plugin = ApproxBPPrecision("auto", device=device)
+    assert plugin.precision == expected and type(plugin) is type(ApproxBPPrecision(expected, device=device))
+    said = [r.getMessage() for r in caplog.records if "ApproxBPPrecision('auto')" in r.getMessage()]
+    assert len(said) == 1 and f"chose {expected!r}: " in said[0]
+    assert pickle.loads(pickle.dumps(plugin)).precision == expected  # copies keep the choice, not 'auto'
+
+
+def test_auto_in_a_lightning_cli_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from lightning_approxbp import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "auto.yaml"
+    config.write_text(
+        "trainer:\n  accelerator: cpu\n  logger: false\n"
+        "  plugins: [{class_path: ApproxBPPrecision, init_args: {precision: auto}}]\n"
+        "model: {class_path: lightning.pytorch.demos.boring_classes.BoringModel}\n"
+    )
+    parsed = cli.cli(["--config", str(config)], run=False)
+    assert isinstance(parsed.trainer.precision_plugin, ApproxBPPrecision)
+    assert parsed.trainer.precision == "32-true"
 
 
 def test_rejects_unknown_precision() -> None:
@@ -174,14 +233,24 @@ def test_ms_norm_and_next_linear_save_one_half_precision_copy(precision: str) ->
 @pytest.mark.parametrize("half", ["bf16", "16"])
 @pytest.mark.parametrize("shape", [(8, 32), (2, 5, 32)])
 def test_trainable_linears_recast_in_backward_bit_identical(half: str, shape: tuple[int, ...]) -> None:
-    precision = f"{half}-mixed"
-    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16, bias=False))
+    _check_recast_bit_identical(f"{half}-mixed", shape, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("half", ["bf16", "16"])
+def test_trainable_linears_recast_in_backward_bit_identical_on_cuda(half: str) -> None:
+    """cuBLAS picks kernels by operand order and layout: the recast GEMMs must be autograd's."""
+    _check_recast_bit_identical(f"{half}-mixed", (4, 77, 32), "cuda")
+
+
+def _check_recast_bit_identical(precision: str, shape: tuple[int, ...], device: str) -> None:
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16, bias=False)).to(device)
     reference = copy.deepcopy(model)
-    plugin = ApproxBPPrecision(precision, device="cpu")
+    plugin = ApproxBPPrecision(precision, device=device)
     plugin.convert_module(model)
-    x = torch.randn(*shape)
+    x = torch.randn(*shape, device=device)
     results = []
-    for module, amp in ((reference, MixedPrecision(precision, "cpu")), (model, plugin)):  # type: ignore[arg-type]
+    for module, amp in ((reference, MixedPrecision(precision, device)), (model, plugin)):  # type: ignore[arg-type]
         inputs = x.clone().requires_grad_(True)
         with SavedTensorCounter(exclude=module.parameters()) as counter, amp.forward_context():
             out = module(inputs)
@@ -302,11 +371,73 @@ def test_trainer_fit_stores_frozen_weights_and_restores_dtype_after() -> None:
     assert torch.equal(model.frozen.weight, model.frozen.weight.bfloat16().float())
 
 
-def test_sharding_strategies_fail_with_instructions() -> None:
+def test_deepspeed_fails_with_what_to_use_instead() -> None:
     model = _FrozenFirstLayer()
-    model.trainer = mock.Mock(strategy=ModelParallelStrategy())
-    with pytest.raises(MisconfigurationException, match=r"pass `Trainer\(precision='bf16-mixed'\)` instead"):
+    model.trainer = mock.Mock(strategy=mock.Mock(spec=DeepSpeedStrategy))  # deepspeed itself is not installed
+    with pytest.raises(MisconfigurationException, match=r"ModelParallelStrategy.*ApproxBPFSDPPrecision.*`Trainer\(precision='bf16-mixed'\)`"):
         ApproxBPPrecision("bf16-mixed").convert_module(model)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "bf16", "auto"])
+def test_the_fsdp_plugin_is_lightnings_fsdp_precision(precision: str) -> None:
+    plugin = ApproxBPFSDPPrecision(precision)
+    assert isinstance(plugin, FSDPPrecision) and isinstance(plugin, ApproxBPPrecision)
+    assert FSDPStrategy(precision_plugin=plugin).precision_plugin is plugin  # FSDPStrategy takes it
+    assert type(pickle.loads(pickle.dumps(plugin))) is ApproxBPFSDPPrecision
+    with pytest.raises(TypeError, match="can only work with the `FSDPPrecision` plugin"):
+        FSDPStrategy(precision_plugin=ApproxBPPrecision(plugin.precision, device="cpu"))
+
+
+def test_the_fsdp_plugin_leaves_weights_to_fsdp_and_resets_norms_under_true_precision() -> None:
+    def model() -> nn.Sequential:
+        return nn.Sequential(MSLayerNorm(16, output_dtype=torch.float32), nn.Linear(16, 16).requires_grad_(False))
+
+    mixed, true = model(), model()
+    plugin = ApproxBPFSDPPrecision("bf16-mixed")
+    plugin.convert_module(mixed)
+    assert plugin.mixed_precision_config.param_dtype == torch.bfloat16  # FSDP gathers the weights in bf16 itself
+    assert mixed[1].weight.dtype == torch.float32 and "forward" not in vars(mixed[1])  # nothing stored or recast
+    ApproxBPFSDPPrecision("bf16-true").convert_module(true)
+    assert true[1].weight.dtype == torch.bfloat16 and true[0].output_dtype is None
+    with pytest.raises(ValueError, match="FSDP supports 32-true, 16-mixed"):
+        ApproxBPFSDPPrecision("64-true")
+    checkpoint: dict = {}
+    ApproxBPFSDPPrecision("16-mixed").on_save_checkpoint(checkpoint)
+    assert set(checkpoint) <= {"FSDPPrecision"}  # saved under Lightning's class name, if at all
+
+
+@pytest.mark.parametrize(
+    ("plugin", "strategy", "match"),
+    [
+        (lambda: ApproxBPPrecision("bf16-mixed", device="cpu"), FSDPStrategy, r"use `ApproxBPFSDPPrecision\('bf16-mixed'\)`"),
+        (lambda: ApproxBPFSDPPrecision("bf16-mixed"), DDPStrategy, r"`ApproxBPPrecision\('bf16-mixed'\)` with every other"),
+    ],
+    ids=["mixed-under-fsdp", "fsdp-under-ddp"],
+)
+def test_a_plugin_under_the_other_kind_of_strategy_says_which_to_use(
+    plugin: Callable[[], Precision], strategy: type, match: str
+) -> None:
+    model = _FrozenFirstLayer()
+    model.trainer = mock.Mock(strategy=mock.Mock(spec=strategy))
+    with pytest.raises(MisconfigurationException, match=match):
+        plugin().convert_module(model)
+
+
+@pytest.mark.gpu
+def test_fsdp1_run_with_the_callback_and_the_fsdp_plugin() -> None:
+    from lightning_approxbp import ApproxBP
+
+    model, callback = _LitBackboneAndHead(), ApproxBP()
+    trainer = Trainer(
+        accelerator="cuda", devices=1, strategy="fsdp", plugins=[ApproxBPFSDPPrecision("bf16-mixed")],
+        callbacks=[callback], max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.fit(model)
+    assert callback.report is not None and callback.report.converted  # the GELU
+    assert isinstance(trainer.precision_plugin, ApproxBPFSDPPrecision)
+    assert any(not torch.equal(a.cpu(), b) for a, b in zip(model.parameters(), before))
 
 
 def test_merged_linears_of_the_approxbp_conversion_are_stored_too() -> None:
@@ -326,10 +457,99 @@ def test_merged_linears_of_the_approxbp_conversion_are_stored_too() -> None:
 
 
 def test_a_mixed_plugin_that_changed_a_module_pickles_for_ddp_spawn():
-    import pickle
-
     plugin = ApproxBPPrecision("bf16-mixed", device="cpu")
     plugin.convert_module(torch.nn.Sequential(torch.nn.Linear(4, 4).requires_grad_(False), torch.nn.Linear(4, 4)))
     copy = pickle.loads(pickle.dumps(plugin))
     assert isinstance(copy, ApproxBPPrecision) and copy.precision == "bf16-mixed"
     assert len(copy._stored) == 0 and len(copy._recasting) == 0  # the copy tracks its own process's modules
+
+
+class _LitBackboneAndHead(LightningModule):
+    """A backbone that ``BackboneFinetuning`` keeps frozen for the first epoch, under a trainable head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32))
+        self.head = nn.Linear(32, 1)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.backbone(x)).float(), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        g = torch.Generator().manual_seed(3)
+        data = torch.utils.data.TensorDataset(torch.randn(16, 16, generator=g), torch.randn(16, 1, generator=g))
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+
+class _RecordBackbone(Callback):
+    """Per optimizer step: the epoch, the dtypes of the backbone's parameters and gradients, and
+    whether its linears run the plugin's recast."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, set[torch.dtype], set[torch.dtype], bool]] = []
+        self.at_unfreeze: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: object) -> None:
+        params = list(pl_module.backbone.parameters())
+        grads = {p.grad.dtype for p in params if p.grad is not None}
+        recast = all("forward" in vars(m) for m in pl_module.backbone.modules() if isinstance(m, nn.Linear))
+        self.steps.append((trainer.current_epoch, {p.dtype for p in params}, grads, recast))
+        if grads and not self.at_unfreeze:
+            self.at_unfreeze = {n: p.detach().clone() for n, p in pl_module.backbone.named_parameters()}
+
+
+def _finetune(model: LightningModule, plugin: Precision, *callbacks: Callback) -> Trainer:
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.5)
+    trainer = Trainer(
+        accelerator="cpu", max_epochs=3, plugins=[plugin], callbacks=[finetuning, *callbacks], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model)
+    return trainer
+
+
+def test_a_backbone_unfrozen_during_fit_trains_with_fp32_master_weights() -> None:
+    model, recorder = _LitBackboneAndHead(), _RecordBackbone()
+    trainer = _finetune(model, ApproxBPPrecision("bf16-mixed"), recorder)
+
+    frozen_steps = [step[1:] for step in recorder.steps if step[0] == 0]
+    assert frozen_steps == [({torch.bfloat16}, set(), False)] * 4  # stored in bf16 while frozen
+    # unfrozen: fp32 master weights and gradients, and the linears cast them again in backward
+    assert [step[1:] for step in recorder.steps if step[0] > 0] == [({torch.float32}, {torch.float32}, True)] * 8
+    backbone = dict(model.backbone.named_parameters())
+    assert all(not torch.equal(backbone[name], value) for name, value in recorder.at_unfreeze.items())  # it trained
+    optimizer = trainer.optimizers[0]
+    assert len(optimizer.param_groups) == 2  # BackboneFinetuning added the backbone's group
+    states = [optimizer.state[p] for p in backbone.values()]
+    assert {s[key].dtype for s in states for key in ("exp_avg", "exp_avg_sq")} == {torch.float32}
+    assert not any("forward" in vars(m) for m in model.modules())  # teardown removed the recast
+
+
+def test_a_backbone_unfrozen_during_fit_trains_as_under_lightnings_mixed_precision() -> None:
+    approxbp = _LitBackboneAndHead()
+    _finetune(approxbp, ApproxBPPrecision("bf16-mixed"))
+
+    # The plugin's only numerical change: frozen weights are stored, so their fp32 values become
+    # the bf16-rounded ones autocast computes with anyway. From weights that are bf16 values
+    # already, Lightning's MixedPrecision gives the same training (up to fp32 rounding).
+    rounded = _LitBackboneAndHead()
+    with torch.no_grad():
+        for param in rounded.backbone.parameters():
+            param.copy_(param.bfloat16().float())
+    _finetune(rounded, MixedPrecision("bf16-mixed", "cpu"))
+    for (name, actual), expected in zip(approxbp.named_parameters(), rounded.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7, msg=name)
+
+    # From the original fp32 weights, the backbone starts the unfrozen epochs up to half a bf16
+    # unit (2**-9 relative, here at most 4.9e-4) away. Two epochs of AdamW keep the gap at that
+    # scale (measured: 1.1e-3 at most, while training moved the weights by up to 6e-2).
+    original = _LitBackboneAndHead()
+    rounding = max((p - p.bfloat16().float()).abs().max().item() for p in original.backbone.parameters())
+    _finetune(original, MixedPrecision("bf16-mixed", "cpu"))
+    for (name, actual), expected in zip(approxbp.named_parameters(), original.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=4 * rounding, msg=name)

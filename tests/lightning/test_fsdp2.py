@@ -1,0 +1,166 @@
+"""ApproxBP + ApproxBPPrecision under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), two
+CPU processes over gloo: the same training as under DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_approxbp import ApproxBP, convert
+from lightning_approxbp.conversion.merged import AffineMergedLinear
+from lightning_approxbp.plugins import ApproxBPPrecision
+
+ROOT = Path(__file__).resolve().parents[2]
+WIDTH = 16
+
+
+def _block() -> nn.Module:
+    """A pre-LN MLP: the norm's affine merges into the linear, GELU becomes a step activation."""
+    return nn.Sequential(nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 2 * WIDTH), nn.GELU(), nn.Linear(2 * WIDTH, WIDTH))
+
+
+class LitBlocks(LightningModule):
+    """Two blocks and a head, built in ``__init__``; ``configure_model`` shards them under ModelParallelStrategy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(_block(), _block(), nn.Linear(WIDTH, 1))
+        self.losses: list[float] = []
+
+    def configure_model(self) -> None:
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.net[:2]:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+    def on_train_start(self) -> None:
+        self.losses.clear()  # the conversion's probe ran training_step too
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x).float(), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(1)
+        return DataLoader(TensorDataset(torch.randn(32, WIDTH, generator=g), torch.randn(32, 1, generator=g)), batch_size=4)
+
+
+class LitBuiltInConfigureModel(LitBlocks):
+    """Builds and shards in ``configure_model``, as FSDP2 examples do; ``convert_first`` converts in between."""
+
+    def __init__(self, convert_first: bool = False) -> None:
+        super().__init__()
+        del self.net
+        self.convert_first = convert_first
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "net"):
+            torch.manual_seed(0)
+            self.net = nn.Sequential(_block(), _block(), nn.Linear(WIDTH, 1))
+            if self.convert_first:
+                convert(self.net, torch.randn(2, WIDTH))
+        super().configure_model()
+
+
+def fit(strategy: str, out: str) -> None:
+    """One two-process run (launched by Lightning); every rank saves its losses, rank 0 the full parameters."""
+    model, callback = LitBlocks(), ApproxBP()
+    trainer = Trainer(
+        accelerator="cpu", devices=2, max_steps=3, plugins=[ApproxBPPrecision("bf16-mixed")], callbacks=[callback],
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp2" else "ddp",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model)
+    params = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    result = {"losses": model.losses, "converted": len(callback.report.converted), "sharded": sharded}
+    torch.save(result, os.path.join(out, f"{strategy}_rank{trainer.global_rank}.pt"))
+    if trainer.global_rank == 0:
+        torch.save({n: p.detach().clone() for n, p in params.items()}, os.path.join(out, f"{strategy}_params.pt"))
+
+
+def _run(strategy: str, out: Path) -> None:
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.lightning.test_fsdp2 import fit; fit({strategy!r}, {str(out)!r})"
+    script = out / f"{strategy}.py"  # Lightning's launcher starts rank 1 by running this file again
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script)], cwd=out, env=env, capture_output=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr.decode()[-4000:]
+
+
+def test_fsdp2_trains_as_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
+    for strategy in ("ddp", "fsdp2"):
+        _run(strategy, tmp_path)
+    for rank in (0, 1):
+        ddp, fsdp2 = (torch.load(tmp_path / f"{s}_rank{rank}.pt") for s in ("ddp", "fsdp2"))
+        assert fsdp2["sharded"] and not ddp["sharded"]
+        assert fsdp2["converted"] == ddp["converted"] == 6  # 2 norms, their 2 merged linears, 2 activations
+        assert len(fsdp2["losses"]) == 3
+        torch.testing.assert_close(fsdp2["losses"], ddp["losses"], rtol=1e-5, atol=1e-6)
+    ddp_params, fsdp2_params = (torch.load(tmp_path / f"{s}_params.pt") for s in ("ddp", "fsdp2"))
+    assert list(fsdp2_params) == list(ddp_params)
+    for name, value in fsdp2_params.items():
+        torch.testing.assert_close(value, ddp_params[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture
+def one_process_group() -> Any:
+    """Lets a one-device ModelParallelStrategy run in this process, and undoes what it sets up."""
+    environ = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+def _fit_one_device(model: LightningModule, callback: ApproxBP) -> None:
+    trainer = Trainer(
+        accelerator="cpu", devices=1, max_steps=2, plugins=[ApproxBPPrecision("bf16-mixed")], callbacks=[callback],
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model)
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_layers_built_in_init_are_converted_before_configure_model_shards_them() -> None:
+    model, callback = LitBlocks(), ApproxBP()
+    _fit_one_device(model, callback)
+    assert len(callback.report.converted) == 6
+    assert all(isinstance(block[1], AffineMergedLinear) for block in model.net[:2])  # replaced before fully_shard
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert len(model.losses) == 2 and all(torch.isfinite(torch.tensor(model.losses)))
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_layers_built_and_sharded_in_configure_model_fail_with_instructions() -> None:
+    with pytest.raises(RuntimeError, match=r"call `lightning_approxbp.convert\(model, example_input\)` in `configure_model` before `fully_shard`"):
+        _fit_one_device(LitBuiltInConfigureModel(), ApproxBP())
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_model_converted_in_configure_model_before_fully_shard_is_left_alone() -> None:
+    model, callback = LitBuiltInConfigureModel(convert_first=True), ApproxBP()
+    _fit_one_device(model, callback)
+    assert callback.report is None  # the user's own convert() did the work
+    assert isinstance(model.net[0][1], AffineMergedLinear) and len(model.losses) == 2
