@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_approxbp.activations import get_activation
-from lightning_approxbp.conversion.gated_mlp import find_activation
+from lightning_approxbp.conversion.gated_mlp import find_activation, reproduced
 from lightning_approxbp.ops.gated_mlp import gated_down_projection
 
 _PARAMETERS = {"gate_up_proj", "down_proj"}
@@ -104,10 +104,7 @@ def _reproduces(module: nn.Module, spec: GatedExpertsSpec) -> bool:
             ours = _run_experts(module, spec, x, index, weights, fused=False)
     except Exception:  # noqa: BLE001 - a module that cannot take this call is not this kind of experts
         return False
-    if not isinstance(expected, Tensor) or expected.shape != ours.shape:
-        return False
-    tolerance = 1e-5 if weight.dtype in (torch.float32, torch.float64) else 2e-2
-    return torch.allclose(ours, expected, rtol=tolerance, atol=tolerance)
+    return reproduced(expected, ours, weight.dtype)
 
 
 class FusedGatedExperts(nn.Module):

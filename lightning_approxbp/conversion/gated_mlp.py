@@ -118,9 +118,14 @@ def _reproduces(module: nn.Module, spec: GatedMLPSpec, hidden: int) -> bool:
             expected, ours = module(x), _formula(spec, module, x)
     except Exception:  # noqa: BLE001 - a module that cannot take this input is not this MLP
         return False
+    return reproduced(expected, ours, weight.dtype)
+
+
+def reproduced(expected: object, ours: Tensor, dtype: torch.dtype) -> bool:
+    """A probed module's own output equals the formula's, to the tolerance of its weights' dtype."""
     if not isinstance(expected, Tensor) or expected.shape != ours.shape:
         return False
-    tolerance = 1e-5 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+    tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
     return torch.allclose(ours, expected, rtol=tolerance, atol=tolerance)
 
 
