@@ -209,7 +209,7 @@ def test_readme_results_ignore_quick_outputs(runs: dict, tmp_path: Path) -> None
 def test_readme_results_from_committed_outputs() -> None:
     result = subprocess.run([sys.executable, str(BENCHMARKS / "make_readme_results.py"), "--stdout"], cwd=ROOT,
                             capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
-    assert "| target (issue 5) |" in result.stdout
+    assert "| target (issues 5, 9, 10) |" in result.stdout
     # The README's generated block is exactly the generator's output (no hand edits, not stale).
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- generated results: begin -->")[1].split("<!-- generated results: end -->")[0]
