@@ -19,14 +19,13 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_approxbp.conversion import ConversionConfig, ConversionReport, convert
 from lightning_approxbp.conversion.config import DEFAULT_MIN_KEEP_WEIGHT
 from lightning_approxbp.conversion.probe import ProbeFn, probe_from_example
+from lightning_approxbp.conversion.sharding import describe, sharded_modules
 from lightning_approxbp.conversion.walker import ModuleFilter
 from lightning_approxbp.tables import StepTable
 
@@ -262,16 +261,10 @@ class ApproxBP(Callback):
 
 def _refuse_sharded(pl_module: pl.LightningModule) -> None:
     """Raise when FSDP (1 or 2) or tensor parallelism already manage modules: replacing them now would break them."""
-    sharded = [
-        name or type(pl_module).__name__
-        for name, module in pl_module.named_modules()
-        if isinstance(module, (FSDPModule, FullyShardedDataParallel))
-        or any(isinstance(p, DTensor) for p in module.parameters(recurse=False))
-    ]
+    sharded = sharded_modules(pl_module)
     if sharded:
-        shown = ", ".join(sharded[:3]) + (f" and {len(sharded) - 3} more" if len(sharded) > 3 else "")
         raise RuntimeError(
-            f"ApproxBP must convert the model before it is sharded, but {shown} are already managed by FSDP or "
+            f"ApproxBP must convert the model before it is sharded, but {describe(sharded)} are already managed by FSDP or "
             "tensor parallelism (e.g. `fully_shard` in `configure_model`): they keep (module, parameter name) pairs, "
             "so modules replaced now would break them. Build the layers in `__init__` or `setup` (the callback then "
             "converts them before `configure_model` runs), or call `lightning_approxbp.convert(model, example_input)` "

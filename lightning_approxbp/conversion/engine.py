@@ -47,6 +47,7 @@ from lightning_approxbp.conversion.probe import (
     run_probe,
 )
 from lightning_approxbp.conversion.report import ConversionReport
+from lightning_approxbp.conversion.sharding import describe, sharded_modules
 from lightning_approxbp.conversion.walker import ModuleFilter, Site, SwapLog, sites
 from lightning_approxbp.nn import RegeneratedDropout, StepActivation
 
@@ -345,7 +346,8 @@ def convert(
         The :class:`~lightning_approxbp.conversion.report.ConversionReport`.
 
     Raises:
-        ValueError: for conflicting or unknown options.
+        ValueError: for conflicting or unknown options, or a model already sharded (FSDP, tensor
+            parallelism): convert first, then shard.
         RuntimeError: if ``verify`` finds a different output (the model is then left unconverted).
 
     Example::
@@ -360,6 +362,13 @@ def convert(
         True
     """
     config = ConversionConfig.build(config, **options)
+    sharded = sharded_modules(module)
+    if sharded:
+        raise ValueError(
+            f"convert() must run before sharding, but {describe(sharded)} are already managed by FSDP or tensor "
+            "parallelism: they keep (module, parameter name) pairs, so replaced modules would break them. Call "
+            "convert(model, example_input) first, then fully_shard / FSDP / parallelize_module."
+        )
     if example_input is not None and probe is not None:
         raise ValueError("Pass either example_input or probe, not both.")
     if probe is None and example_input is not None:

@@ -164,3 +164,19 @@ def test_a_model_converted_in_configure_model_before_fully_shard_is_left_alone()
     _fit_one_device(model, callback)
     assert callback.report is None  # the user's own convert() did the work
     assert isinstance(model.net[0][1], AffineMergedLinear) and len(model.losses) == 2
+
+
+def test_convert_refuses_a_model_already_sharded_with_fully_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain PyTorch: replacing modules after fully_shard would break FSDP2; convert says to convert first."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29531")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = _block()
+        fully_shard(model)
+        with pytest.raises(ValueError, match="convert\\(\\) must run before sharding"):
+            convert(model, torch.randn(2, WIDTH))
+    finally:
+        dist.destroy_process_group()
