@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_approxbp.activations import get_activation
-from lightning_approxbp.conversion.gated_mlp import find_activation, reproduced
+from lightning_approxbp.conversion.gated_mlp import find_activation, reproduced, take_over
 from lightning_approxbp.ops.gated_mlp import gated_down_projection
 
 _PARAMETERS = {"gate_up_proj", "down_proj"}
@@ -125,11 +125,6 @@ class FusedGatedExperts(nn.Module):
 def build_fused_gated_experts(original: nn.Module, spec: GatedExpertsSpec) -> FusedGatedExperts:
     """The fused replacement of ``original``, sharing its parameters and children."""
     new = FusedGatedExperts()
-    for name in ("gate_up_proj", "down_proj"):
-        new.register_parameter(name, getattr(original, name))
-    for name, child in original.named_children():
-        new.add_module(name, child)
-    new.__dict__.update({k: v for k, v in vars(original).items() if not k.startswith("_") and k != "training"})
-    new.spec = spec
-    new.train(original.training)
-    return new
+    for name, parameter in original.named_parameters(recurse=False):  # in the original's order
+        new.register_parameter(name, parameter)
+    return take_over(new, original, spec)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import permutations
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,8 @@ from lightning_approxbp.conversion.activations import (
     is_activation_candidate,
 )
 from lightning_approxbp.ops.gated_mlp import gated_down_projection
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -149,10 +152,14 @@ class FusedGatedMLP(nn.Module):
 
 def build_fused_gated_mlp(original: nn.Module, spec: GatedMLPSpec) -> FusedGatedMLP:
     """The fused replacement of ``original``, sharing its children (read now, so merged ones count)."""
-    new = FusedGatedMLP()
+    return take_over(FusedGatedMLP(), original, spec)
+
+
+def take_over(new: M, original: nn.Module, spec: object) -> M:
+    """Give ``new`` the children, public plain attributes (e.g. ``hidden_size``) and train mode of
+    ``original``, plus its ``spec``; the replacement then reads like the original."""
     for name, child in original.named_children():
         new.add_module(name, child)
-    # Public plain attributes (e.g. hidden_size) stay readable on the replacement.
     new.__dict__.update({k: v for k, v in vars(original).items() if not k.startswith("_") and k != "training"})
     new.spec = spec
     new.train(original.training)
