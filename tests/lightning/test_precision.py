@@ -86,7 +86,7 @@ def test_auto_in_a_lightning_cli_config(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_rejects_unknown_precision() -> None:
-    with pytest.raises(ValueError, match="Choose one of: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true"):
+    with pytest.raises(ValueError, match="use one of '32-true', '16-mixed', 'bf16-mixed', '16-true', 'bf16-true'"):
         ApproxBPPrecision("8-mixed")
 
 
