@@ -73,3 +73,22 @@ class OptionError(ValueError):
             if quoted:
                 return quoted.group(0)
         return None
+
+
+class ProbeError(ValueError):
+    """The batch given to trace and verify a conversion did not run through the model.
+
+    Raised from the model's own error (chained as ``__cause__``); the model is unchanged.
+    """
+
+    def __init__(self, label: str, error: BaseException) -> None:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        if len(first_line) > 160:
+            first_line = first_line[:157] + "..."
+        super().__init__(
+            f"ApproxBP: the probe batch ({label}) did not run through the model, which was left unchanged: "
+            f"{type(error).__name__}: {first_line}\n"
+            "The conversion runs the model once on it to trace and verify what it changes. Pass one batch the way "
+            "the model's forward takes it: a tensor, a tuple of positional arguments or a dict of keyword arguments "
+            "(e.g. {'input_ids': ids}), with the shapes and dtypes of your training data."
+        )

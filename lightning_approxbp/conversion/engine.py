@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from lightning_approxbp._warnings import warn_rank_zero
+from lightning_approxbp.errors import ProbeError
 from lightning_approxbp.activations import ACTIVATIONS
 from lightning_approxbp.conversion.activations import (
     function_attributes,
@@ -348,6 +349,8 @@ def convert(
     Raises:
         ValueError: for conflicting or unknown options, or a model already sharded (FSDP, tensor
             parallelism): convert first, then shard.
+        ProbeError: (a ``ValueError``) when the model rejects ``example_input`` (or ``probe``
+            fails); the model's own error is chained and the model is unchanged.
         RuntimeError: if ``verify`` finds a different output (the model is then left unconverted).
 
     Example::
@@ -378,10 +381,15 @@ def convert(
     report = conversion.report
     report.probe = probe_label or ("custom" if probe is not None else "none")
     conversion.collect()
-    reference = conversion.trace(probe) if probe is not None and conversion.norms else None
     others = (conversion.activations, conversion.function_activations, conversion.gated_mlps, conversion.dropouts)
-    if probe is not None and reference is None and any(others):
-        reference = run_probe(module, probe)
+    reference = None
+    try:
+        if probe is not None and conversion.norms:
+            reference = conversion.trace(probe)
+        elif probe is not None and any(others):
+            reference = run_probe(module, probe)
+    except Exception as error:
+        raise ProbeError(report.probe, error) from error
     if reference is not None and not any(t.numel() for t in reference.outputs):
         raise ValueError(
             f"ApproxBP: the probe ({report.probe}) produced no output elements (an empty batch?), so nothing "

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_approxbp import convert
+from lightning_approxbp import ProbeError, convert
 from lightning_approxbp.conversion import engine
 from lightning_approxbp.conversion.probe import output_tensors
 from lightning_approxbp.saved_tensors import SavedTensorCounter
@@ -412,3 +412,14 @@ def test_convert_under_autocast_still_recognises_norms() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = convert(case.build(), case.batch)
     assert report.row("bert.encoder.layer.0.output.LayerNorm").action == "converted"
+
+
+def test_a_probe_batch_the_model_rejects_says_so_and_leaves_the_model_unchanged() -> None:
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ProbeError, match=r"probe batch \(example_input\) did not run through the model") as info:
+        convert(model, torch.randn(4, 15))
+    assert "normalized_shape" in str(info.value) and "Pass one batch the way the model's forward takes it" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert [type(m) for m in model.modules()] == before
+    assert len(str(info.value).splitlines()) <= 10
