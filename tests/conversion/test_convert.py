@@ -349,7 +349,14 @@ def test_the_printed_report_keeps_every_word_of_a_long_reason() -> None:
     text = str(report)
     assert "..." not in text
     assert " ".join(text.split()).count(reason) == 1
-    assert max(len(line) for line in text.splitlines()) < 200
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_the_report_of_a_real_model_fits_a_100_column_terminal() -> None:
+    case = CASES["bert"]
+    text = str(convert(case.build().train(), case.batch))
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    assert "converted" in text and "saved for backward" in text
 
 
 def test_a_kept_affine_whose_weight_becomes_unsafe_falls_back_to_exact_saving() -> None:
