@@ -264,6 +264,7 @@ class _Conversion:
         kind = f"{type(site.module).__name__}"
         if decision.strategy is None:
             self.report.add(site.fqn, kind, "skipped", reason=decision.reason)
+            self._report_readers(candidate, decision)
             return
         new = build_converted_norm(
             site.module, spec, decision.strategy, decision.dtype_policy, min_keep_weight=self.config.min_keep_weight
@@ -279,6 +280,31 @@ class _Conversion:
                 replacement, strategy = share_input_of(consumer), f"saves the output of {site.fqn}, no copy"
             self.log.replace_site(consumer_site, replacement)
             self.report.add(consumer_site.fqn, type(consumer).__name__, "converted", strategy)
+        self._report_readers(candidate, decision)
+
+    def _report_readers(self, candidate: _NormCandidate, decision: _Decision) -> None:
+        """A row for every layer that reads the norm's output but was left as it was, saying why."""
+        uses, norm_fqn = candidate.uses, candidate.site.fqn
+        if uses is None:
+            return
+        changed = {self.site_of[id(consumer)].fqn for consumer in decision.consumers}
+        if decision.strategy is None:
+            why = f"reads the output of {norm_fqn}, which was skipped: keeps its own input copy"
+        elif not self.config.share_norm_output and decision.strategy != "merge":
+            why = f"reads the output of {norm_fqn}; share_norm_output=False: keeps its own input copy"
+        else:
+            why = f"reads the output of {norm_fqn} together with other inputs: keeps its own input copy"
+        readers = [(fqn, why) for fqn in uses.layer_readers if fqn not in changed]
+        readers += [
+            (fqn, f"reads the output of {norm_fqn} through {dropout} (a new tensor while training), which no "
+                  "other layer saves: keeps its own input copy")
+            for fqn, dropout in dict.fromkeys(uses.through_dropout)
+        ]
+        listed = {row.fqn for row in self.report.rows}
+        for fqn, why in readers:
+            if fqn and fqn not in listed:
+                listed.add(fqn)
+                self.report.add(fqn, type(self.root.get_submodule(fqn)).__name__, "skipped", reason=why)
 
     def _step(self, name: str) -> StepActivation:
         return StepActivation(name, bits=self.config.bits, table=self.config.table_for(name))

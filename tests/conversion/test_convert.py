@@ -430,3 +430,26 @@ def test_a_probe_batch_the_model_rejects_says_so_and_leaves_the_model_unchanged(
     assert isinstance(info.value.__cause__, RuntimeError)
     assert [type(m) for m in model.modules()] == before
     assert len(str(info.value).splitlines()) <= 10
+
+
+def test_every_layer_that_reads_a_norm_output_has_a_row() -> None:
+    """BERT's first q/k/v read the embeddings' norm output through dropout: left alone, and said why."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=100)  # with BERT's dropout
+    batch = {"input_ids": torch.randint(0, 100, (2, 8))}
+    report = convert(transformers.BertModel(config).train(), batch)
+    first = [row for row in report.rows if ".layer.0.attention.self." in row.fqn and row.kind == "Linear"]
+    assert [row.fqn.rsplit(".", 1)[1] for row in first] == ["query", "key", "value"]
+    assert all(row.action == "skipped" and "through" in row.reason and "dropout" in row.reason for row in first)
+    second = [row for row in report.rows if ".layer.1.attention.self." in row.fqn and row.kind == "Linear"]
+    assert len(second) == 3 and all(row.action == "converted" for row in second)
+
+
+def test_the_layers_reading_a_skipped_norm_say_so() -> None:
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+    with torch.no_grad():
+        model[0].weight[0] = 0.0  # unsafe to keep; merge forced off below
+    report = convert(model, torch.randn(3, 8), affine="keep", activations=False)
+    assert report.row("0").action == "skipped"
+    assert report.row("1").action == "skipped" and "which was skipped" in report.row("1").reason
