@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ from lightning_approxbp.conversion.probe import (
 )
 from lightning_approxbp.conversion.report import ConversionReport
 from lightning_approxbp.conversion.sharding import describe, sharded_modules
+from lightning_approxbp.conversion.structure import StructureCache
 from lightning_approxbp.conversion.walker import ModuleFilter, Site, SwapLog, sites
 from lightning_approxbp.nn import RegeneratedDropout, StepActivation
 
@@ -131,6 +133,7 @@ class _Conversion:
         self.filter = module_filter
         self.report = ConversionReport()
         self.log = SwapLog()
+        self.structure = StructureCache()
         self.sites = list(sites(root))
         self.site_of = {id(site.module): site for site in self.sites}
         self.norms: list[_NormCandidate] = []
@@ -160,20 +163,24 @@ class _Conversion:
                 if module.p > 0 and site.holders:
                     self.dropouts.append(site)
                 continue
-            if self.config.norms and (spec := detect_norm(module)) is not None:
+            if self.config.norms and (spec := self._recognise("norm", module, detect_norm)) is not None:
                 self._add_norm(site, spec)
             elif self.config.norms and (reason := why_not_a_norm(module)) is not None:
                 self.report.add(site.fqn, type(module).__name__, "skipped", reason=reason)
             elif self.config.activations:
                 self._add_activation(site)
 
+    def _recognise(self, name: str, module: nn.Module, detect: Callable[..., Any]) -> Any:
+        """``detect(module)``, once per structure, probing a materialised twin where there are no values."""
+        return self.structure.recognise(name, module, lambda m: detect(m, values=self.structure.twin))
+
     def _add_gated_mlp(self, site: Site) -> bool:
         """Record a fusable gated MLP or set of gated experts (True), or report why one cannot be fused."""
-        spec, why_not = detect_gated_mlp(site.module)
+        spec, why_not = self._recognise("gated_mlp", site.module, detect_gated_mlp)
         if why_not is not None:
             self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=f"gated MLP not fused: {why_not}")
         if spec is None and why_not is None:
-            spec, why_not = detect_gated_experts(site.module)
+            spec, why_not = self._recognise("gated_experts", site.module, detect_gated_experts)
             if why_not is not None:
                 self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=why_not)
         if spec is None or not site.holders:
@@ -194,7 +201,7 @@ class _Conversion:
 
     def _add_activation(self, site: Site) -> None:
         module = site.module
-        name = identify_activation(module) if is_activation_candidate(module) else None
+        name = self.structure.recognise("activation", module, identify_activation) if is_activation_candidate(module) else None
         if name is not None:
             why = self._cannot_convert_activation(site, name)
             if why is None:

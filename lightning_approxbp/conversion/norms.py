@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,17 +122,26 @@ def _matches(module: nn.Module, spec: NormSpec) -> bool:
     return torch.allclose(ours.to(expected.dtype), expected, rtol=tol, atol=tol)
 
 
-def detect_norm(module: nn.Module) -> NormSpec | None:
-    """The :class:`NormSpec` that reproduces ``module``'s output, or ``None``."""
+def detect_norm(module: nn.Module, values: Callable[[nn.Module], nn.Module] | None = None) -> NormSpec | None:
+    """The :class:`NormSpec` that reproduces ``module``'s output, or ``None``.
+
+    ``values`` gives the module to run for the numeric check (e.g. a materialised twin of a
+    module on the meta device); default: ``module`` itself.
+    """
+    probed = (values or _itself)(module)
     known = _KNOWN_NORMS.get(type(module))
     if known is not None:
         spec = known(module)
-        return spec if spec is not None and _matches(module, spec) else None
+        return spec if spec is not None and _matches(probed, spec) else None
     for centered, offset in _CANDIDATE_FORMS:
         spec = _structural_spec(module, centered, offset)
-        if spec is not None and _matches(module, spec):
+        if spec is not None and _matches(probed, spec):
             return spec
     return None
+
+
+def _itself(module: nn.Module) -> nn.Module:
+    return module
 
 
 _OTHER_NORMALISATIONS: tuple[type[nn.Module], ...] = (
