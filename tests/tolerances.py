@@ -26,6 +26,11 @@ ROUNDING: dict[torch.dtype, Tolerance] = {
     torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
 }
 
+# Two trainings that are the same computation step for step, compared after several optimizer
+# steps in fp32 (a run resumed from a checkpoint against a straight one; ApproxBPPrecision against
+# Lightning's own precision from the same bf16-valued weights).
+SAME_TRAINING_FP32: Tolerance = {"rtol": 1e-6, "atol": 1e-7}
+
 # A memory-sharing norm's gradients (the normalised value recovered from the output, divided by
 # gamma) against autograd of the stock norm (through its input), in fp32: the division and the
 # recomputation add a few fp32 units per element, more where |gamma| is small.
