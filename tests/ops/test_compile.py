@@ -12,7 +12,6 @@ import torch
 
 from lightning_approxbp import functional as AF
 from lightning_approxbp.ops import use_backend
-
 from tests.tolerances import IDENTICAL
 
 from .helpers import TRITON_DEVICE, requires_triton

@@ -10,7 +10,6 @@ from lightning_approxbp.activations import ACTIVATIONS, get_activation
 from lightning_approxbp.ops import use_backend
 from lightning_approxbp.ops.gated_mlp import gated_down_projection
 from lightning_approxbp.saved_tensors import SavedTensorCounter
-
 from tests.tolerances import VS_FP64_RELATIVE
 
 from .helpers import FLOAT_DTYPES, TRITON_DEVICE, requires_triton

@@ -15,7 +15,6 @@ from lightning_approxbp.ops.reference import (
     norm_input_grad_from_output,
     rms_norm_forward,
 )
-
 from tests.tolerances import NORM_FROM_OUTPUT
 
 from .helpers import FLOAT_DTYPES, TRITON_DEVICE, requires_triton

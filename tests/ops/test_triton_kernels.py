@@ -11,7 +11,6 @@ from lightning_approxbp.ops import ms_norm_triton, use_backend
 from lightning_approxbp.ops.ms_norm import ms_norm_backward, ms_norm_forward
 from lightning_approxbp.ops.step_activation import step_activation_forward
 from lightning_approxbp.tables import SUPPORTED_BITS, get_table
-
 from tests.tolerances import TRITON_VS_TORCH, TRITON_VS_TORCH_GRAD
 
 from .helpers import FLOAT_DTYPES, TRITON_DEVICE, requires_triton
