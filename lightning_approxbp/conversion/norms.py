@@ -19,12 +19,16 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 
 from lightning_approxbp._warnings import warn_rank_zero
 from lightning_approxbp.conversion.config import DEFAULT_MIN_KEEP_WEIGHT
@@ -175,6 +179,25 @@ def gamma(module: nn.Module, offset: float) -> Tensor | None:
     return None if weight is None else weight.detach() + offset
 
 
+# The converted norms that keep their affine, re-checked after every optimizer step (see
+# ConvertedNorm._keeps_unsafe_affine). Weak: a norm that is garbage collected drops out.
+_KEPT_AFFINE_NORMS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_step_hook: RemovableHandle | None = None
+
+
+def _check_kept_affines(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for norm in list(_KEPT_AFFINE_NORMS):
+        norm._keeps_unsafe_affine()
+
+
+def _watch_kept_affine(norm: nn.Module) -> None:
+    """Re-check ``norm``'s weight after every optimizer step (one hook shared by all norms)."""
+    global _step_hook
+    _KEPT_AFFINE_NORMS.add(norm)
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_check_kept_affines)
+
+
 class ConvertedNorm:
     """Mixin: the strategy-dependent forward shared by both converted norm classes.
 
@@ -198,9 +221,17 @@ class ConvertedNorm:
 
         Checked when the weight changes (its version counter moves at every optimizer step):
         one scalar read per kept-affine norm per step; merged and plain norms never check.
+        Under ``torch.compile`` the forward reads the flag only (a scalar read there would break
+        the graph): the check runs eagerly after every optimizer step instead, through a step
+        hook, so the flag is current before the next forward reads it (a flag that turns on makes
+        the compiled forward recompile).
         """
         if self.strategy != "keep" or self.exact_fallback or self.weight is None:  # type: ignore[attr-defined]
             return self.exact_fallback
+        if torch.compiler.is_compiling():
+            return False
+        # Also covers copies (deepcopy, unpickling), which build_converted_norm never saw.
+        _watch_kept_affine(self)  # type: ignore[arg-type]
         weight: Tensor = self.weight  # type: ignore[attr-defined]
         version = (weight.data_ptr(), weight._version)
         if version != self._checked_weight:
@@ -288,4 +319,6 @@ def build_converted_norm(
     if spec.centered:
         new.bias = original.bias if spec.has_bias else None
     new.train(original.training)
+    if strategy == "keep" and spec.has_weight:
+        _watch_kept_affine(new)
     return new

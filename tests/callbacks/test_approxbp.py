@@ -20,6 +20,7 @@ from lightning_approxbp import ApproxBP, convert
 from lightning_approxbp.conversion.gated_mlp import FusedGatedMLP
 from lightning_approxbp.conversion.norms import ConvertedRMSNorm
 from tests.distributed import run_script
+from tests.tolerances import SAME_TRAINING_FP32
 
 transformers = pytest.importorskip("transformers")
 
@@ -376,7 +377,7 @@ def test_checkpoint_loads_strictly_into_the_unconverted_module_and_resume_contin
     _trainer([ApproxBP()], max_epochs=2, **epoch).fit(straight)
     assert _converted(resumed)
     for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(a, b, **SAME_TRAINING_FP32, msg=name)
 
 
 _DDP_SCRIPT = """

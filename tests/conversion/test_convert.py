@@ -15,6 +15,7 @@ from lightning_approxbp.conversion import engine
 from lightning_approxbp.conversion.probe import output_tensors
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 from tests.conversion.models import CASES, Case, PreLNBlock
+from tests.tolerances import IDENTICAL, ROUNDING
 
 
 def _grads(model: nn.Module) -> Tensor:
@@ -62,7 +63,7 @@ def test_converted_models_pickle_and_deepcopy_with_the_same_outputs(case: Case) 
     for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         torch.manual_seed(0)
         for ours, theirs in zip(output_tensors(case.call(copied)), expected, strict=True):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+            torch.testing.assert_close(ours, theirs, **IDENTICAL)
         assert str(copied) == str(model)
 
 
@@ -80,7 +81,7 @@ def test_norm_conversion_alone_is_exact_including_one_optimizer_step(name: str) 
         torch.optim.SGD(m.parameters(), lr=0.5).step()
     for (name_a, a), (name_b, b) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         assert name_a == name_b
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **ROUNDING[torch.float32])
 
 
 def test_strategies_per_architecture() -> None:
@@ -276,7 +277,7 @@ def test_bf16_model_and_gradient_checkpointing() -> None:
     without_checkpointing.gradient_checkpointing_disable()
     for m in (model, without_checkpointing):
         case.forward_loss(m).backward()
-    torch.testing.assert_close(_grads(model), _grads(without_checkpointing), rtol=0, atol=0)
+    torch.testing.assert_close(_grads(model), _grads(without_checkpointing), **IDENTICAL)
 
 
 class _Checkpointed(nn.Module):
@@ -298,7 +299,7 @@ def test_torch_checkpoint(use_reentrant: bool) -> None:
     unwrapped = copy.deepcopy(model.block)  # the same converted block, called without checkpoint
     model(x).pow(2).mean().backward()
     unwrapped(x).pow(2).mean().backward()
-    torch.testing.assert_close(_grads(model), _grads(unwrapped), rtol=0, atol=0)
+    torch.testing.assert_close(_grads(model), _grads(unwrapped), **IDENTICAL)
 
 
 @pytest.mark.parametrize(

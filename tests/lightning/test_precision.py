@@ -35,6 +35,7 @@ from lightning_approxbp.plugins import (
     store_frozen_weights,
 )
 from lightning_approxbp.saved_tensors import SavedTensorCounter
+from tests.tolerances import SAME_TRAINING_FP32
 
 HALF = {"bf16": torch.bfloat16, "16": torch.float16}
 LIGHTNING_FAMILIES = (MixedPrecision, HalfPrecision, DoublePrecision)
@@ -543,7 +544,7 @@ def test_a_backbone_unfrozen_during_fit_trains_as_under_lightnings_mixed_precisi
             param.copy_(param.bfloat16().float())
     _finetune(rounded, MixedPrecision("bf16-mixed", "cpu"))
     for (name, actual), expected in zip(approxbp.named_parameters(), rounded.parameters(), strict=True):
-        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(actual, expected, **SAME_TRAINING_FP32, msg=name)
 
     # From the original fp32 weights, the backbone starts the unfrozen epochs up to half a bf16
     # unit (2**-9 relative, here at most 4.9e-4) away. Two epochs of AdamW keep the gap at that
