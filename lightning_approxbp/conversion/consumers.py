@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from lightning_approxbp.conversion.merged import consumer_kind
+from lightning_approxbp.saved_tensors import storage_id
 
 # Functions that return no tensor but read data (everything else without a tensor result is metadata).
 _DATA_READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__array__"})
@@ -105,7 +106,7 @@ def _is_inplace(name: str, kwargs: dict) -> bool:
 
 
 def _storage(tensor: Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
+    return storage_id(tensor)
 
 
 class _Tracer(TorchFunctionMode):

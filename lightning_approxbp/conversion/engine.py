@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from lightning_approxbp._warnings import warn_rank_zero
-from lightning_approxbp.errors import ProbeError
 from lightning_approxbp.activations import ACTIVATIONS
 from lightning_approxbp.conversion.activations import (
     function_attributes,
     identify_activation,
     is_activation_candidate,
     looks_like_activation,
+)
+from lightning_approxbp.conversion.blocks import (
+    BlockKind,
+    block_kinds,
+    block_outputs,
+    capture_inputs,
 )
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses
@@ -50,10 +57,17 @@ from lightning_approxbp.conversion.probe import (
 )
 from lightning_approxbp.conversion.report import ConversionReport
 from lightning_approxbp.conversion.sharding import describe, sharded_modules
-from lightning_approxbp.conversion.structure import StructureCache
+from lightning_approxbp.conversion.structure import (
+    StructureCache,
+    has_no_values,
+    materialized_twin,
+)
 from lightning_approxbp.conversion.walker import ModuleFilter, Site, SwapLog, sites
+from lightning_approxbp.errors import ProbeError
 from lightning_approxbp.nn import RegeneratedDropout, StepActivation
 
+# Up to this many blocks of one kind, the whole model's output is compared too.
+_WHOLE_MODEL_MAX_REPEATS = 4
 _NO_PROBE_NOTE = (
     "no probe batch: the uses of norm outputs were not traced, so no affine was merged (norms with safe "
     "weights keep their affine), the output was not verified and saved bytes were not measured. Pass "
@@ -322,22 +336,81 @@ class _Conversion:
         return f"step {name} {self.config.bits}-bit {kind}"
 
     # ----------------------------------------------------------------------- verify
-    def verify(self, reference: ProbeRun, converted: ProbeRun) -> None:
-        error, index = max_relative_error(reference.outputs, converted.outputs)
-        dtypes = [t.dtype for t in reference.outputs] + [p.dtype for p in self.root.parameters()]
-        tolerance = self.config.tolerance or max((default_tolerance(d) for d in dtypes), default=1e-4)
-        self.report.max_error = error
-        if error <= tolerance:
-            return
+    def prepare_block_checks(self, kinds: list[BlockKind]) -> list[_BlockCheck]:
+        """Before the swap: each block kind's inputs and its representative's reference output.
+
+        A representative without values is checked on a materialised twin (random weights).
+        """
+        checks = []
+        for kind in kinds:
+            if kind.inputs is None:
+                continue  # not called by the probe: nothing it computes was traced either
+            representative = kind.representative.module
+            twin = materialized_twin(representative) if has_no_values(representative) else None
+            device = next((twin or representative).parameters(), torch.empty(0)).device
+            inputs = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, kind.draw_inputs())
+            checks.append(_BlockCheck(kind, inputs, twin, block_outputs(twin or representative, inputs)))
+        return checks
+
+    def verify_blocks(self, checks: list[_BlockCheck]) -> None:
+        """After the swap: every block kind's representative computes what it computed before
+        (a twin is converted on its own first, with this conversion's options)."""
+        for check in checks:
+            fqn = check.kind.representative.fqn
+            where = f"the output of {fqn} and the {len(check.kind.members) - 1} other blocks of its kind"
+            if check.twin is not None:
+                args, kwargs = check.inputs
+                convert(check.twin, probe=lambda m: m(*args, **kwargs), config=replace(self.config, verify=False))
+                block = check.twin
+                where += f" (checked on a copy of {fqn} with random weights)"
+            else:
+                current = check.kind.representative.holders[0]
+                block = getattr(*current) if current else self.root
+            error, index = max_relative_error(check.reference, block_outputs(block, check.inputs))
+            self.report.max_error = max(self.report.max_error or 0.0, error)
+            tolerance = self._tolerance(check.reference, block)
+            if error > tolerance:
+                self._refuse(error, index, tolerance, where=where)
+
+    def _tolerance(self, outputs: list[Tensor], module: nn.Module) -> float:
+        dtypes = [t.dtype for t in outputs] + [p.dtype for p in module.parameters()]
+        return self.config.tolerance or max((default_tolerance(d) for d in dtypes), default=1e-4)
+
+    def _refuse(self, error: float, index: int, tolerance: float, where: str) -> None:
         changed = ", ".join(row.fqn for row in self.report.converted[:8])
         more = len(self.report.converted) - 8
         self.log.undo_all()
         raise RuntimeError(
-            f"ApproxBP conversion changed the model output: max relative difference {error:.3e} at output {index} "
+            f"ApproxBP conversion changed {where}: max relative difference {error:.3e} at output {index} "
             f"exceeds the tolerance {tolerance:.1e}. The model was left unconverted. Converted modules were: "
             f"{changed}{f' and {more} more' if more > 0 else ''}. Exclude the culprit with filter=..., or pass "
             "verify=False to accept the difference."
         )
+
+    def verify(self, reference: ProbeRun, converted: ProbeRun) -> None:
+        """The whole model's output on the probe batch is what it was."""
+        error, index = max_relative_error(reference.outputs, converted.outputs)
+        tolerance = self._tolerance(reference.outputs, self.root)
+        self.report.max_error = max(self.report.max_error or 0.0, error)
+        if error > tolerance:
+            self._refuse(error, index, tolerance, where="the model output")
+
+
+@dataclass
+class _BlockCheck:
+    kind: BlockKind
+    inputs: tuple[tuple[Any, ...], dict[str, Any]]
+    twin: nn.Module | None  # a materialised copy, for a representative without values
+    reference: list[Tensor]  # what the representative (or its twin) computed before conversion
+
+
+def _whole_model_note(has_values: bool, kinds: list[BlockKind]) -> str:
+    why = (
+        "its parameters are on the meta device (no values)"
+        if not has_values
+        else f"its error would grow with depth ({max(len(kind.members) for kind in kinds)} repeated blocks)"
+    )
+    return f"whole-model output not compared: {why}; each block kind was verified on its first member instead."
 
 
 def convert(
@@ -415,12 +488,18 @@ def convert(
     report.probe = probe_label or ("custom" if probe is not None else "none")
     conversion.collect()
     others = (conversion.activations, conversion.function_activations, conversion.gated_mlps, conversion.dropouts)
+    kinds = block_kinds(conversion.sites, conversion.structure)
+    has_values = not has_no_values(module)
+    # The whole output is compared where that is cheap and meaningful: a model with values and
+    # few repeated blocks (its error grows with depth, and each block kind is checked anyway).
+    whole_model_check = has_values and all(len(kind.members) <= _WHOLE_MODEL_MAX_REPEATS for kind in kinds)
     reference = None
     try:
-        if probe is not None and conversion.norms:
-            reference = conversion.trace(probe)
-        elif probe is not None and any(others):
-            reference = run_probe(module, probe)
+        with capture_inputs(kinds):
+            if probe is not None and conversion.norms:
+                reference = conversion.trace(probe)
+            elif probe is not None and any(others):
+                reference = run_probe(module, probe)
     except Exception as error:
         raise ProbeError(report.probe, error) from error
     if reference is not None and not any(t.numel() for t in reference.outputs):
@@ -428,6 +507,7 @@ def convert(
             f"ApproxBP: the probe ({report.probe}) produced no output elements (an empty batch?), so nothing "
             "could be traced or verified. Pass a batch with at least one sample; the model was not changed."
         )
+    block_checks = conversion.prepare_block_checks(kinds) if reference is not None and config.verify else []
     conversion.apply()
     if probe is None:
         if conversion.norms:
@@ -442,7 +522,11 @@ def convert(
             ) from error
         report.bytes_before, report.bytes_after = reference.saved_bytes, converted.saved_bytes
         if config.verify:
-            conversion.verify(reference, converted)
+            conversion.verify_blocks(block_checks)
+            if whole_model_check:
+                conversion.verify(reference, converted)
+            else:
+                report.notes.append(_whole_model_note(has_values, kinds))
     if not report.rows or not (report.converted or any(r.action == "unchanged" for r in report.rows)):
         warn_rank_zero(
             f"ApproxBP: nothing to convert in {type(module).__name__} (no GELU/SiLU-family activation or "

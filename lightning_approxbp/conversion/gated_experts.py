@@ -24,7 +24,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_approxbp.activations import get_activation
-from lightning_approxbp.conversion.gated_mlp import find_activation, reproduced, take_over
+from lightning_approxbp.conversion.gated_mlp import (
+    find_activation,
+    reproduced,
+    take_over,
+)
 from lightning_approxbp.ops.gated_mlp import gated_down_projection
 
 _PARAMETERS = {"gate_up_proj", "down_proj"}

@@ -132,20 +132,15 @@ def detect_norm(module: nn.Module, values: Callable[[nn.Module], nn.Module] | No
     ``values`` gives the module to run for the numeric check (e.g. a materialised twin of a
     module on the meta device); default: ``module`` itself.
     """
-    probed = (values or _itself)(module)
     known = _KNOWN_NORMS.get(type(module))
-    if known is not None:
-        spec = known(module)
-        return spec if spec is not None and _matches(probed, spec) else None
-    for centered, offset in _CANDIDATE_FORMS:
-        spec = _structural_spec(module, centered, offset)
-        if spec is not None and _matches(probed, spec):
-            return spec
-    return None
-
-
-def _itself(module: nn.Module) -> nn.Module:
-    return module
+    candidates = [known(module)] if known is not None else [
+        _structural_spec(module, centered, offset) for centered, offset in _CANDIDATE_FORMS
+    ]
+    candidates = [spec for spec in candidates if spec is not None]
+    if not candidates:
+        return None  # not shaped like a norm: no values needed to say so
+    probed = values(module) if values is not None else module
+    return next((spec for spec in candidates if _matches(probed, spec)), None)
 
 
 _OTHER_NORMALISATIONS: tuple[type[nn.Module], ...] = (
