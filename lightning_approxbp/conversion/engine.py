@@ -104,7 +104,7 @@ def _features(spec: NormSpec) -> int | None:
 
 def _min_abs_gamma(norm: nn.Module, offset: float) -> float | None:
     scale = gamma(norm, offset)
-    return None if scale is None or scale.numel() == 0 else scale.abs().min().item()
+    return None if scale is None or scale.numel() == 0 or scale.is_meta else scale.abs().min().item()
 
 
 def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
@@ -133,6 +133,8 @@ def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
     keep_reason = "affine kept (forced)" if config.affine == "keep" else f"{merge.reason}; affine kept"
     if smallest is not None:
         keep_reason += f", min |weight| = {smallest:.2g}"
+    elif spec.has_weight and candidate.site.module.weight.is_meta:
+        keep_reason += ", min |weight| checked at the first forward with real weights"
     if dtype_policy == "input":
         keep_reason += "; emits its input dtype under autocast (output feeds more than linear layers)"
     return _Decision("keep", dtype_policy, sharing, reason=keep_reason)
@@ -239,9 +241,9 @@ class _Conversion:
         return None
 
     # ----------------------------------------------------------------------- probe + decide
-    def trace(self, probe: ProbeFn) -> ProbeRun:
+    def trace(self, probe: ProbeFn, compute_free: bool = False) -> ProbeRun:
         norms = {c.site.module: _features(c.spec) for c in self.norms}
-        run = run_probe(self.root, probe, trace_norms=norms)
+        run = run_probe(self.root, probe, trace_norms=norms, compute_free=compute_free)
         for candidate in self.norms:
             candidate.uses = run.norm_uses[candidate.site.module]
         return run
@@ -404,6 +406,21 @@ class _BlockCheck:
     reference: list[Tensor]  # what the representative (or its twin) computed before conversion
 
 
+def _to_meta(leaf: Any) -> Any:
+    return leaf.to("meta") if isinstance(leaf, Tensor) else leaf
+
+
+def _compute_free_or_real(run: Callable[[bool], ProbeRun | None], compute_free: bool) -> ProbeRun | None:
+    """``run(True)``, or ``run(False)`` when a forward on fake tensors fails (it needed values;
+    on the meta device, ``run(False)`` runs on meta tensors, which suits some models better)."""
+    if compute_free:
+        try:
+            return run(True)
+        except Exception:  # noqa: BLE001 - e.g. a data-dependent branch or `.item()` in the model's forward
+            pass
+    return run(False)
+
+
 def _whole_model_note(has_values: bool, kinds: list[BlockKind]) -> str:
     why = (
         "its parameters are on the meta device (no values)"
@@ -480,8 +497,11 @@ def convert(
         )
     if example_input is not None and probe is not None:
         raise ValueError("Pass either example_input or probe, not both.")
+    has_values = not has_no_values(module)
     if probe is None and example_input is not None:
-        probe = probe_from_example(example_input)
+        # A model without values runs on meta inputs (shapes only), whatever device the batch is on.
+        inputs = example_input if has_values else tree_map(_to_meta, example_input)
+        probe = probe_from_example(inputs)
         probe_label = probe_label or "example_input"
     conversion = _Conversion(module, config, filter)
     report = conversion.report
@@ -489,17 +509,24 @@ def convert(
     conversion.collect()
     others = (conversion.activations, conversion.function_activations, conversion.gated_mlps, conversion.dropouts)
     kinds = block_kinds(conversion.sites, conversion.structure)
-    has_values = not has_no_values(module)
     # The whole output is compared where that is cheap and meaningful: a model with values and
     # few repeated blocks (its error grows with depth, and each block kind is checked anyway).
     whole_model_check = has_values and all(len(kind.members) <= _WHOLE_MODEL_MAX_REPEATS for kind in kinds)
-    reference = None
-    try:
+    # Without a whole-model comparison, the probe only traces and counts: fake tensors do that
+    # without the arithmetic, and transformers skips its data-dependent checks on them (a model
+    # whose forward needs values runs as it is instead).
+    compute_free = not whole_model_check
+
+    def reference_run(compute_free: bool) -> ProbeRun | None:
         with capture_inputs(kinds):
             if probe is not None and conversion.norms:
-                reference = conversion.trace(probe)
-            elif probe is not None and any(others):
-                reference = run_probe(module, probe)
+                return conversion.trace(probe, compute_free)
+            if probe is not None and any(others):
+                return run_probe(module, probe, compute_free=compute_free)
+        return None
+
+    try:
+        reference = _compute_free_or_real(reference_run, compute_free)
     except Exception as error:
         raise ProbeError(report.probe, error) from error
     if reference is not None and not any(t.numel() for t in reference.outputs):
@@ -514,7 +541,7 @@ def convert(
             report.notes.append(_NO_PROBE_NOTE)
     elif reference is not None:
         try:
-            converted = run_probe(module, probe)
+            converted = _compute_free_or_real(lambda free: run_probe(module, probe, compute_free=free), compute_free)
         except Exception as error:
             conversion.log.undo_all()
             raise RuntimeError(

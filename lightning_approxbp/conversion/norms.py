@@ -223,11 +223,11 @@ class ConvertedNorm:
         """
         if self.strategy != "keep" or self.exact_fallback or self.weight is None:  # type: ignore[attr-defined]
             return self.exact_fallback
-        if torch.compiler.is_compiling():
-            return False
+        weight: Tensor = self.weight  # type: ignore[attr-defined]
+        if torch.compiler.is_compiling() or weight.is_meta or torch._guards.detect_fake_mode() is not None:
+            return False  # no values to read now: checked at the first forward that has them
         # Also covers copies (deepcopy, unpickling), which build_converted_norm never saw.
         _watch_kept_affine(self)  # type: ignore[arg-type]
-        weight: Tensor = self.weight  # type: ignore[attr-defined]
         version = (weight.data_ptr(), weight._version)
         if version != self._checked_weight:
             self._checked_weight = version
