@@ -84,9 +84,9 @@ def linear_cross_entropy(
     logit_softcap: float | None = None,
 ) -> Tensor:
     """``F.cross_entropy(hidden @ weight.T + bias, target)``, logits soft-capped when asked, full logits."""
-    logits = hidden @ weight.t()
-    if bias is not None:
-        logits = logits + bias
+    # F.linear, not ``hidden @ weight.T + bias``: under autocast it is what nn.Linear runs (the bias
+    # added in the autocast dtype), so the reference's own bf16 error is that of an eager head.
+    logits = torch.nn.functional.linear(hidden, weight, bias)
     if logit_softcap is not None:
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
     return torch.nn.functional.cross_entropy(
