@@ -17,6 +17,7 @@ from lightning_approxbp.conversion.activations import (
 )
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses
+from lightning_approxbp.conversion.fused_loss import apply_fused_loss
 from lightning_approxbp.conversion.gated_experts import (
     FusedGatedExperts,
     GatedExpertsSpec,
@@ -335,7 +336,7 @@ def convert(
             defaults of its fields, overridden by ``options``.
         options: the fields of ``ConversionConfig`` as keywords (``activations``, ``norms``,
             ``gated_mlp``, ``dropout``, ``share_norm_output``, ``bits``, ``table``, ``affine``,
-            ``verify``, ``min_keep_weight``, ``tolerance``), instead of ``config``.
+            ``fused_loss``, ``verify``, ``min_keep_weight``, ``tolerance``), instead of ``config``.
         filter: ``(module, fqn) -> bool``; only norms and activations for which it returns
             ``True`` are considered.
         probe: instead of ``example_input``, a function that runs the model once the way
@@ -402,6 +403,10 @@ def convert(
         report.bytes_before, report.bytes_after = reference.saved_bytes, converted.saved_bytes
         if config.verify:
             conversion.verify(reference, converted)
+    if config.fused_loss:
+        # Last, after verification: it changes the model's outputs (logits=None), so it checks its
+        # loss on its own.
+        apply_fused_loss(module, probe, config.fused_loss, report)
     if not report.rows or not (report.converted or any(r.action == "unchanged" for r in report.rows)):
         warn_rank_zero(
             f"ApproxBP: nothing to convert in {type(module).__name__} (no GELU/SiLU-family activation or "
