@@ -17,7 +17,7 @@ from lightning_approxbp.conversion.activations import (
 )
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses
-from lightning_approxbp.conversion.fused_loss import apply_fused_loss
+from lightning_approxbp.conversion.fused_loss import LogitsWatch, apply_fused_loss
 from lightning_approxbp.conversion.gated_experts import (
     FusedGatedExperts,
     GatedExpertsSpec,
@@ -375,6 +375,9 @@ def convert(
     if probe is None and example_input is not None:
         probe = probe_from_example(example_input)
         probe_label = probe_label or "example_input"
+    # The fused loss ("auto") watches the probe runs for reads of the logits; only a training step shows them.
+    watch = LogitsWatch(module) if config.fused_loss == "auto" and probe is not None and example_input is None else None
+    probe = watch.wrap(probe) if watch is not None else probe
     conversion = _Conversion(module, config, filter)
     report = conversion.report
     report.probe = probe_label or ("custom" if probe is not None else "none")
@@ -405,8 +408,8 @@ def convert(
             conversion.verify(reference, converted)
     if config.fused_loss:
         # Last, after verification: it changes the model's outputs (logits=None), so it checks its
-        # loss on its own.
-        apply_fused_loss(module, probe, config.fused_loss, report)
+        # loss on its own. Only a training-step probe can show whether the logits are read.
+        apply_fused_loss(module, probe if example_input is None else None, config.fused_loss, report, watch)
     if not report.rows or not (report.converted or any(r.action == "unchanged" for r in report.rows)):
         warn_rank_zero(
             f"ApproxBP: nothing to convert in {type(module).__name__} (no GELU/SiLU-family activation or "

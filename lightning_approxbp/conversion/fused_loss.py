@@ -192,49 +192,77 @@ def causal_lm_loss(
 # ----------------------------------------------------------------------------- watching the probe
 
 
-class _LogitsWatch(TorchFunctionMode):
-    """Records whether a probe computes anything with a causal LM's logits after the model returned."""
+@dataclasses.dataclass
+class _Seen:
+    """What the probe runs did with one causal LM."""
 
-    def __init__(self, model: nn.Module) -> None:
+    labels_in_training: bool = False
+    logits_used: bool = False
+    logits: list[Tensor] = dataclasses.field(default_factory=list)
+
+
+class _LogitsUse(TorchFunctionMode):
+    """Marks every watched model whose returned logits enter a torch operation."""
+
+    def __init__(self, seen: dict[nn.Module, _Seen]) -> None:
         super().__init__()
-        self.model = model
-        self.logits: list[Tensor] = []
-        self.labels_in_training = False
-        self.logits_used = False
+        self.seen = seen
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if self.logits and not self.logits_used:
-            self.logits_used = any(leaf is logits for leaf in tree_leaves((args, kwargs)) for logits in self.logits)
+        watched = [s for s in self.seen.values() if s.logits and not s.logits_used]
+        if watched:
+            leaves = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+            for seen in watched:
+                seen.logits_used = any(leaf is logits for leaf in leaves for logits in seen.logits)
         return func(*args, **kwargs)
 
-    def before(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self.labels_in_training |= model.training and kwargs.get("labels") is not None
 
-    def after(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+class LogitsWatch:
+    """Watches what probe runs do with the labels and logits of every causal LM under ``root``.
+
+    :meth:`wrap` returns the probe with the watch around it, so the conversion's own probe runs
+    serve (no extra run); the hooks exist only while the probe runs, and the watch ends before
+    the caller reads the outputs itself.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.seen = {m: _Seen() for m in root.modules() if is_causal_lm(m)}
+        self.runs = 0
+
+    def wrap(self, probe: ProbeFn) -> ProbeFn:
+        def watched(module: nn.Module) -> Any:
+            handles = []
+            for model, seen in self.seen.items():
+                handles.append(model.register_forward_pre_hook(_record_labels(seen), with_kwargs=True))
+                handles.append(model.register_forward_hook(_record_logits(seen)))
+            try:
+                with _LogitsUse(self.seen):
+                    return probe(module)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for seen in self.seen.values():
+                    seen.logits.clear()
+                self.runs += 1
+
+        return watched
+
+
+def _record_labels(seen: _Seen) -> Callable:
+    def hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        seen.labels_in_training |= model.training and kwargs.get("labels") is not None
+
+    return hook
+
+
+def _record_logits(seen: _Seen) -> Callable:
+    def hook(model: nn.Module, args: tuple, output: Any) -> None:
         logits = getattr(output, "logits", None)
         if isinstance(logits, Tensor):
-            self.logits.append(logits)
+            seen.logits.append(logits)
 
-
-def watch_probe(model: nn.Module, root: nn.Module, probe: ProbeFn) -> _LogitsWatch:
-    """Run ``probe(root)`` once (isolated) and return what it did with ``model``'s labels and logits."""
-    watch = _LogitsWatch(model)
-    handles = [
-        model.register_forward_pre_hook(watch.before, with_kwargs=True),
-        model.register_forward_hook(watch.after, with_kwargs=True),
-    ]
-
-    def watched(module: nn.Module) -> Any:
-        with watch:  # left before run_probe reads the outputs itself
-            return probe(module)
-
-    try:
-        run_probe(root, watched)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return watch
+    return hook
 
 
 # ----------------------------------------------------------------------------- the rule
@@ -243,8 +271,10 @@ def watch_probe(model: nn.Module, root: nn.Module, probe: ProbeFn) -> _LogitsWat
 def _loss_difference(model: nn.Module, fused: FusedLoss) -> float:
     """Relative difference of the fused and the original loss on a random batch (train mode, no grad)."""
     device = fused.head.weight.device
-    ids = torch.randint(0, fused.head.out_features, _CHECK_SHAPE, device=device)
-    labels = ids.masked_fill(torch.rand(ids.shape, device=device) < 0.25, IGNORE_INDEX)
+    generator = torch.Generator().manual_seed(0)  # not the global RNG: conversion leaves it untouched
+    ids = torch.randint(0, fused.head.out_features, _CHECK_SHAPE, generator=generator)
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=generator) < 0.25, IGNORE_INDEX)
+    ids, labels = ids.to(device), labels.to(device)
     losses = []
     for enabled in (False, True):
         fused.enabled = enabled
@@ -254,26 +284,42 @@ def _loss_difference(model: nn.Module, fused: FusedLoss) -> float:
     return ((ours - reference).abs() / reference.abs().clamp(min=1e-12)).item()
 
 
-def _decide(model: nn.Module, root: nn.Module, probe: ProbeFn | None, setting: bool | str) -> tuple[bool, str]:
+def _decide(seen: _Seen | None, setting: bool | str) -> tuple[bool, str]:
     if setting is True:
         return True, "forced (fused_loss=True)"
-    if probe is None:
-        return False, "no probe batch: cannot tell whether training reads outputs.logits; pass fused_loss=True to force"
-    watch = watch_probe(model, root, probe)
-    if not watch.labels_in_training:
+    if seen is None:
+        return False, ("no training-step probe (an example_input cannot show whether training reads "
+                       "outputs.logits); pass fused_loss=True to force")
+    if not seen.labels_in_training:
         return False, "the probe passes no labels to it in training (the loss is computed outside the model)"
-    if watch.logits_used:
+    if seen.logits_used:
         return False, ("the probe computes with outputs.logits (e.g. a metric), which would be None; "
                        "pass fused_loss=True to force")
     return True, "the probe uses the loss and not the logits"
 
 
-def apply_fused_loss(root: nn.Module, probe: ProbeFn | None, setting: bool | str, report: ConversionReport) -> None:
-    """Fuse the head and loss of every causal LM under ``root`` where ``setting`` allows; report each."""
-    for fqn, model in root.named_modules():
+def apply_fused_loss(
+    root: nn.Module, probe: ProbeFn | None, setting: bool | str, report: ConversionReport,
+    watch: LogitsWatch | None = None,
+) -> None:
+    """Fuse the head and loss of every causal LM under ``root`` where ``setting`` allows; report each.
+
+    ``probe`` runs a training step (``None``: there is none); ``watch`` is what earlier runs of
+    it (wrapped by :meth:`LogitsWatch.wrap`) saw; without one, ``"auto"`` runs the probe once.
+    """
+    if setting == "auto" and probe is not None:
+        if watch is None:
+            watch = LogitsWatch(root)
+            probe = watch.wrap(probe)
+        if not watch.runs:  # the conversion had nothing else to probe for
+            run_probe(root, probe)
+    fused_any = False
+    for fqn, model in list(root.named_modules()):
         if not is_causal_lm(model):
             continue
-        kind, label = type(model).__name__, f"{fqn}.lm_head" if fqn else "lm_head"
+        # The head's name, with the model's class as kind (the head may have a merge row of its own).
+        head_name = _head_holder(model)[1]  # type: ignore[index]
+        kind, label = type(model).__name__, f"{fqn}.{head_name}" if fqn else head_name
         if getattr(model, "_approxbp_fused_loss", None) is not None:
             report.add(label, kind, "unchanged", reason="already converted")
             continue
@@ -281,9 +327,12 @@ def apply_fused_loss(root: nn.Module, probe: ProbeFn | None, setting: bool | str
         if why_not is not None:
             report.add(label, kind, "skipped", reason=f"loss not fused: {why_not}")
             continue
-        enabled, why = _decide(model, root, probe, setting)
+        enabled, why = _decide(None if watch is None else watch.seen.get(model), setting)
         if not enabled:
-            report.add(label, kind, "skipped", reason=f"loss not fused: {why}")
+            if watch is None and setting == "auto":
+                report.notes.append(f"{label}: loss not fused: {why}.")  # nothing was examined: a note
+            else:
+                report.add(label, kind, "skipped", reason=f"loss not fused: {why}")
             continue
         fused = FusedLoss(model)
         try:
@@ -298,7 +347,13 @@ def apply_fused_loss(root: nn.Module, probe: ProbeFn | None, setting: bool | str
             report.add(label, kind, "skipped",
                        reason=f"loss not fused: differs from the original by {difference:.1e} (> {tolerance:.0e})")
             continue
+        fused_any = True
         softcap = f", softcap {fused.softcap:g}" if fused.softcap else ""
         report.add(label, kind, "converted", f"fused linear + cross-entropy{softcap}",
                    f"{why}; in training with labels the loss never builds tokens x vocab logits and "
                    f"outputs.logits is None (loss matches within {difference:.0e})")
+    if fused_any and report.bytes_after is not None:
+        report.notes.append(
+            "saved bytes were counted before the causal-LM loss was fused, which further removes the "
+            "tokens x vocab logits (and their fp32 copy) from what the step saves."
+        )

@@ -53,6 +53,12 @@ def _batch():
     return ids, labels
 
 
+def _loss_row(report):
+    """The fused-loss row: named after the head, with the model's class as kind."""
+    (row,) = [r for r in report.rows if r.kind.endswith(("ForCausalLM", "LMHeadModel"))]
+    return row
+
+
 def _relative(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
@@ -65,7 +71,7 @@ def test_same_loss_and_gradients_as_transformers(name, num_items):
     keys = list(model.state_dict())
     ids, labels = _batch()
     report = convert(model, config=ConversionConfig(**ONLY_FUSED))
-    assert report.row("lm_head").action == "converted"
+    assert _loss_row(report).action == "converted"
     assert isinstance(model.lm_head, FusedLMHead) and list(model.state_dict()) == keys
     assert all(p is parameters[n] for n, p in model.named_parameters())
     extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
@@ -96,7 +102,7 @@ def test_auto_fuses_when_the_probe_uses_the_loss_only():
     model, reference = _pair("llama")
     ids, labels = _batch()
     report = convert(model, probe=lambda m: m(input_ids=ids, labels=labels).loss, **AUTO_ONLY)
-    row = report.row("lm_head")
+    row = _loss_row(report)
     assert row.action == "converted" and "the probe uses the loss and not the logits" in row.reason
     assert "outputs.logits is None" in row.reason
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, reference(input_ids=ids, labels=labels).loss)
@@ -112,25 +118,35 @@ def test_auto_leaves_the_head_alone_when_the_step_reads_the_logits():
         return out.loss + 0 * accuracy
 
     report = convert(model, probe=training_step, **AUTO_ONLY)
-    row = report.row("lm_head")
+    row = _loss_row(report)
     assert row.action == "skipped" and "computes with outputs.logits" in row.reason
     assert type(model.lm_head) is torch.nn.Linear
     assert model(input_ids=ids, labels=labels).logits is not None
 
 
 @pytest.mark.parametrize(
-    "probe, reason",
+    "how, reason",
     [
-        (None, "no probe batch"),
-        ("no labels", "passes no labels"),
+        ("none", "no training-step probe"),
+        ("example_input", "no training-step probe"),
+        ("step without labels", "passes no labels"),
     ],
 )
-def test_auto_needs_a_probe_that_passes_labels(probe, reason):
+def test_auto_needs_a_training_step_probe_that_passes_labels(how, reason):
     model, _ = _pair("llama")
-    ids, _ = _batch()
+    ids, labels = _batch()
+    arguments = {
+        "none": {},
+        "example_input": {"example_input": {"input_ids": ids, "labels": labels}},
+        "step without labels": {"probe": lambda m: m(input_ids=ids).logits.sum()},
+    }[how]
     with pytest.warns(UserWarning, match="nothing to convert"):
-        report = convert(model, {"input_ids": ids} if probe else None, **AUTO_ONLY)
-    assert report.row("lm_head").action == "skipped" and reason in report.row("lm_head").reason
+        report = convert(model, **arguments, **AUTO_ONLY)
+    if how == "step without labels":
+        assert _loss_row(report).action == "skipped" and reason in _loss_row(report).reason
+    else:  # nothing was examined: a note, not a row
+        assert not report.rows and any(note.startswith("lm_head: loss not fused") and reason in note
+                                       for note in report.notes)
     assert type(model.lm_head) is torch.nn.Linear
 
 
@@ -139,8 +155,10 @@ def test_the_default_conversion_fuses_the_merged_head_exactly():
     applies it too (forward only: the 2-bit activations change gradients, not the loss)."""
     model, reference = _pair("llama")
     ids, labels = _batch()
-    report = convert(model, {"input_ids": ids, "labels": labels})
-    assert report.row("lm_head").action == "converted"
+    report = convert(model, probe=lambda m: m(input_ids=ids, labels=labels).loss)
+    assert _loss_row(report).action == "converted" and report.row("lm_head").kind == "Linear"
+    # The byte counts come from the conversion's own probe runs (no extra run); the report says so.
+    assert any("counted before the causal-LM loss was fused" in note for note in report.notes)
     assert report.row("model.norm").action == "converted"
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, reference(input_ids=ids, labels=labels).loss)
 
@@ -150,25 +168,25 @@ def test_converting_twice_changes_nothing_and_fused_loss_false_does_nothing():
     convert(model, config=ConversionConfig(**ONLY_FUSED))
     head = model.lm_head
     again = convert(model, config=ConversionConfig(**ONLY_FUSED))
-    assert again.row("lm_head").action == "unchanged" and model.lm_head is head
+    assert _loss_row(again).action == "unchanged" and model.lm_head is head
     plain, _ = _pair("llama")
     ids, labels = _batch()
     report = convert(plain, {"input_ids": ids, "labels": labels}, fused_loss=False)
     assert not isinstance(plain.lm_head, FusedLMHead)
-    assert "fused" not in report.row("lm_head").strategy
+    assert not [r for r in report.rows if r.kind == "LlamaForCausalLM"]
 
 
 def test_a_head_with_lora_or_a_custom_loss_is_reported_and_left_alone():
     model, _ = _pair("llama")
     model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
     report = convert(model, config=ConversionConfig(**ONLY_FUSED))
-    assert "not transformers' ForCausalLMLoss" in report.row("lm_head").reason
+    assert "not transformers' ForCausalLMLoss" in _loss_row(report).reason
     peft = pytest.importorskip("peft")
     model, _ = _pair("llama")
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lm_head"], task_type="CAUSAL_LM"))
     report = convert(lora, config=ConversionConfig(**ONLY_FUSED))
-    row = next(r for r in report.rows if r.fqn.endswith("lm_head"))
-    assert row.action == "skipped" and "not a plain nn.Linear" in row.reason
+    row = _loss_row(report)
+    assert row.fqn == "base_model.model.lm_head" and row.action == "skipped" and "not a plain nn.Linear" in row.reason
 
 
 def test_peft_lora_on_the_blocks_keeps_the_fused_loss_exact():
@@ -181,7 +199,7 @@ def test_peft_lora_on_the_blocks_keeps_the_fused_loss_exact():
     lora_ref.load_state_dict(lora.state_dict())
     ids, labels = _batch()
     report = convert(lora, probe=lambda m: m(input_ids=ids, labels=labels).loss, **AUTO_ONLY)
-    assert any(r.fqn.endswith("lm_head") and r.action == "converted" for r in report.rows)
+    assert _loss_row(report).action == "converted"
     ours, theirs = lora(input_ids=ids, labels=labels), lora_ref(input_ids=ids, labels=labels)
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-6, atol=0)
     ours.loss.backward()
