@@ -120,9 +120,9 @@ def render(payload: dict) -> str:
     lines = [
         f"# Fused linear + cross-entropy vs unfused head + loss ({payload['machine']})",
         "",
-        f"{shape['tokens']} tokens, hidden {shape['hidden']}, vocabulary {shape['vocab']}, bf16 autocast, "
+        (f"{shape['tokens']} tokens, hidden {shape['hidden']}, vocabulary {shape['vocab']}, bf16 autocast, "
         f"forward + backward; load average before the run: {payload['load_before']}; "
-        f"{'quick run' if payload['quick'] else 'full run'}.",
+        f"{'quick run' if payload['quick'] else 'full run'}."),
         "",
         "| head | path | peak RSS growth (MiB) | saved for backward (MiB) | median step (s) |",
         "|---|---|---:|---:|---:|",

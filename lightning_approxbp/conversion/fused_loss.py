@@ -32,8 +32,17 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from lightning_approxbp.conversion.merged import AffineMergedLinear, SharedInputLinear, _norm_affine
-from lightning_approxbp.conversion.probe import ProbeFn, default_tolerance, isolated, run_probe
+from lightning_approxbp.conversion.merged import (
+    AffineMergedLinear,
+    SharedInputLinear,
+    _norm_affine,
+)
+from lightning_approxbp.conversion.probe import (
+    ProbeFn,
+    default_tolerance,
+    isolated,
+    run_probe,
+)
 from lightning_approxbp.conversion.report import ConversionReport
 from lightning_approxbp.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -98,7 +107,7 @@ def _head_holder(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
 def is_causal_lm(module: nn.Module) -> bool:
     """A transformers causal LM that holds its head (a PEFT wrapper delegates to the model inside)."""
     name = type(module).__name__
-    causal = name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+    causal = name.endswith(("ForCausalLM", "LMHeadModel"))
     return causal and hasattr(module, "config") and _head_holder(module) is not None
 
 

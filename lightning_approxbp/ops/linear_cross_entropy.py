@@ -29,7 +29,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_approxbp.ops._utils import check_floating, compute_dtype, guard_double_backward
+from lightning_approxbp.ops._utils import (
+    check_floating,
+    compute_dtype,
+    guard_double_backward,
+)
 from lightning_approxbp.ops.dispatch import dispatch
 
 OP_NAME = "linear_cross_entropy"
@@ -226,9 +230,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index = options[0]
         rows, flat_target = hidden.reshape(-1, hidden.shape[-1]).to(dtype), target.reshape(-1).long()
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-        loss_dtype = torch.float32 if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        # fp32 (fp64 for fp64): the loss is accumulated in it, and transformers' loss is fp32 too.
+        loss_dtype = compute_dtype(dtype)
         ctx.reduction, ctx.options, ctx.dtype, ctx.needs = reduction, options, dtype, needs
-        ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype, target.shape)
+        ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
         if reduction == "none":
             one = rows.new_ones((), dtype=compute_dtype(dtype))
             losses = linear_cross_entropy_forward(rows, w, b, flat_target, one, *options, False, False, False)[0]
@@ -249,7 +254,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        hidden_shape, hidden_dtype, weight_dtype, target_shape = ctx.shapes
+        hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
         need_hidden, need_weight, need_bias = ctx.needs
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
@@ -338,7 +343,9 @@ def linear_cross_entropy(
     tokens: ``nan``, with zero gradients), ``"sum"`` adds them (0 when there are none), ``"none"``
     returns one loss per token (0 where ignored). ``logit_softcap`` applies Gemma's
     ``softcap * tanh(logits / softcap)`` before the loss. Under autocast the matmuls run in the
-    autocast dtype and the loss is fp32; no weight gradient is computed for a frozen ``weight``.
+    autocast dtype. The loss is fp32 (fp64 for fp64 inputs) also for 16-bit inputs, unlike
+    ``F.cross_entropy``'s 16-bit result: it is accumulated in fp32. No weight gradient is
+    computed for a frozen ``weight``.
 
     Args:
         hidden: ``(..., hidden)`` inputs of the head.

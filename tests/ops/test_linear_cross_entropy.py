@@ -125,6 +125,14 @@ def test_bf16_autocast_is_as_accurate_as_eager_autocast(label_smoothing, softcap
         assert mine <= 2 * theirs + bf16_unit / 8, (name, mine, theirs)
 
 
+def test_a_bf16_head_outside_autocast_returns_an_fp32_loss_and_bf16_gradients():
+    h, w, b, target = _inputs(9, 16, 40, torch.bfloat16)
+    loss, grads = _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, chunk_size=4)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
+    ref_loss, _ = _reference(h, w, b, target)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=0)
+
+
 def test_autocast_runs_the_matmuls_in_bf16_and_returns_an_fp32_loss():
     h, w, b, target = _inputs(9, 16, 40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -139,9 +147,9 @@ def test_a_frozen_weight_gets_no_gradient_and_no_weight_gradient_matmul(monkeypa
     monkeypatch.setattr(lce, "_accumulate_weight_grad", lambda *args: (calls.append(1), original(*args)))
     h, w, b, target = _inputs(13, 16, 37)
     w.requires_grad_(False)
-    loss, (grad_hidden, grad_bias) = _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, chunk_size=4)
+    _loss, (grad_hidden, grad_bias) = _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, chunk_size=4)
     assert calls == [] and w.grad is None
-    ref_loss, (ref_hidden, ref_bias) = _reference(h, w, b, target)
+    _ref_loss, (ref_hidden, ref_bias) = _reference(h, w, b, target)
     torch.testing.assert_close(grad_hidden.double(), ref_hidden, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_bias.double(), ref_bias, rtol=1e-5, atol=1e-6)
     w.requires_grad_(True)
@@ -186,7 +194,7 @@ def test_torch_compile_gives_the_eager_loss_and_gradients(reduction):
 @pytest.mark.parametrize("frozen", [True, False])
 def test_nothing_of_tokens_by_vocab_is_saved(frozen):
     tokens, width, vocab = 64, 16, 4096
-    h, w, b, target = _inputs(tokens, width, vocab, bias=False)
+    h, w, _b, target = _inputs(tokens, width, vocab, bias=False)
     w.requires_grad_(not frozen)
     with SavedTensorCounter(exclude=[w]) as fused:
         loss = AF.linear_cross_entropy(h, w, target, chunk_size=16)
@@ -200,7 +208,7 @@ def test_nothing_of_tokens_by_vocab_is_saved(frozen):
 
 
 def test_reduction_none_saves_only_hidden_and_targets():
-    h, w, b, target = _inputs(64, 16, 4096, bias=False)
+    h, w, _b, target = _inputs(64, 16, 4096, bias=False)
     with SavedTensorCounter(exclude=[w]) as counter:
         AF.linear_cross_entropy(h, w, target, reduction="none", chunk_size=16)
     assert counter.stats.activation_bytes == h.numel() * 4 + target.numel() * 8
