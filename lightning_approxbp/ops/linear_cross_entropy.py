@@ -72,25 +72,33 @@ def _torch_softmax_grad(
     compute_grad: bool,
 ) -> Tensor:
     """Per-row loss of a chunk (fp32); with ``compute_grad``, overwrite ``logits`` with
-    ``scale * dloss/dlogits`` (rows of ignored targets get zeros). ``softcap`` 0 means none."""
-    z = logits.to(compute_dtype(logits.dtype))
+    ``scale * dloss/dlogits`` (rows of ignored targets get zeros). ``softcap`` 0 means none.
+
+    Works in place on one fp32 copy of the chunk (two with soft-capping): the exponentials
+    overwrite the logits, then the softmax and the gradient overwrite the exponentials.
+    """
+    z = logits.to(compute_dtype(logits.dtype))  # ``logits`` itself when it is already fp32
     if softcap:
         capped = torch.tanh(z / softcap)
         z = capped * softcap
-    lse = torch.logsumexp(z, dim=-1)
     valid = target != ignore_index
     safe_target = torch.where(valid, target, 0).unsqueeze(1)
-    loss = lse - (1.0 - label_smoothing) * z.gather(1, safe_target).squeeze(1)
+    loss = -(1.0 - label_smoothing) * z.gather(1, safe_target).squeeze(1)
     if label_smoothing:
-        loss = loss - (label_smoothing / z.shape[1]) * z.sum(dim=-1)
+        loss -= (label_smoothing / z.shape[1]) * z.sum(dim=-1)
+    row_max = z.amax(dim=-1, keepdim=True)
+    exp = z.sub_(row_max) if compute_grad else z - row_max
+    exp.exp_()
+    sum_exp = exp.sum(dim=-1, keepdim=True)
+    loss += (row_max + sum_exp.log()).squeeze(1)
     loss = torch.where(valid, loss, 0.0)
     if compute_grad:
-        grad = torch.exp(z - lse.unsqueeze(1))
+        grad = exp.div_(sum_exp)
         if label_smoothing:
-            grad -= label_smoothing / z.shape[1]
-        grad.scatter_add_(1, safe_target, torch.full_like(lse, label_smoothing - 1.0).unsqueeze(1))
+            grad -= label_smoothing / grad.shape[1]
+        grad.scatter_add_(1, safe_target, torch.full_like(loss, label_smoothing - 1.0).unsqueeze(1))
         if softcap:
-            grad *= 1.0 - capped * capped
+            grad *= capped.mul_(capped).neg_().add_(1.0)
         grad *= (scale * valid).unsqueeze(1)
         logits.copy_(grad)
     return loss
