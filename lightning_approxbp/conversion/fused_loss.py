@@ -160,6 +160,8 @@ class FusedLoss:
         del self.model._approxbp_fused_loss
 
     def _before(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        # Reset first: a forward that raised never reached the hook that disarms the head.
+        self.pending, self.head.capturing, self.head.captured = None, False, None
         if not (self.enabled and model.training and _plain_loss_call(kwargs)):
             return None
         self.pending = {"labels": kwargs["labels"], "num_items_in_batch": kwargs.get("num_items_in_batch")}

@@ -201,6 +201,7 @@ def test_peft_lora_on_the_blocks_keeps_the_fused_loss_exact():
     report = convert(lora, probe=lambda m: m(input_ids=ids, labels=labels).loss, **AUTO_ONLY)
     assert _loss_row(report).action == "converted"
     ours, theirs = lora(input_ids=ids, labels=labels), lora_ref(input_ids=ids, labels=labels)
+    assert ours.logits is None
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-6, atol=0)
     ours.loss.backward()
     theirs.loss.backward()
