@@ -85,9 +85,9 @@ def child(head: str, path: str, shape: dict[str, int]) -> dict:
             "saved_bytes": counter.stats.activation_bytes, "step_s": seconds}
 
 
-def measure_memory(shape: dict[str, int]) -> list[dict]:
+def measure_memory(shape: dict[str, int], heads: list[str]) -> list[dict]:
     rows = []
-    for head in HEADS:
+    for head in heads:
         for path in PATHS:
             command = [sys.executable, __file__, "--child", head, path, json.dumps(shape)]
             done = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ})
@@ -95,9 +95,9 @@ def measure_memory(shape: dict[str, int]) -> list[dict]:
     return rows
 
 
-def measure_time(shape: dict[str, int], rounds: int) -> list[dict]:
+def measure_time(shape: dict[str, int], rounds: int, heads: list[str]) -> list[dict]:
     rows = []
-    for head in HEADS:
+    for head in heads:
         x, weight, target = inputs(head, **shape)
         for path in PATHS:  # warm-up: first-call allocations and kernel selection
             step(path, x, weight, target)
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, 1 round, prints only (or --out DIR)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per head")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
+    parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS), help="heads to measure")
     parser.add_argument("--child", nargs=3, metavar=("HEAD", "PATH", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -150,8 +151,8 @@ def main() -> None:
         return
     shape = QUICK if args.quick else FULL
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    memory = measure_memory(shape)
-    timing = measure_time(shape, 1 if args.quick else args.rounds)
+    memory = measure_memory(shape, args.heads)
+    timing = measure_time(shape, 1 if args.quick else args.rounds, args.heads)
     results = []
     for row in timing:
         cells = {m["path"]: m for m in memory if m["head"] == row["head"]}

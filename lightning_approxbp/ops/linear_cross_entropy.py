@@ -277,10 +277,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
             scale = grad_output.to(compute_dtype(ctx.dtype))
-            with torch.no_grad():
-                grad_hidden = grad_hidden * scale.to(grad_hidden.dtype) if need_hidden else grad_hidden
-                grad_weight = grad_weight * scale if need_weight else grad_weight
-                grad_bias = grad_bias * scale if need_bias else grad_bias
+            # ``loss.backward()`` brings exactly 1: the saved gradients are the answer, and skipping
+            # the multiply saves a weight-sized fp32 copy (a host sync on CUDA, as Liger's check;
+            # not under torch.compile, which cannot branch on data).
+            if torch.compiler.is_compiling() or not torch.equal(scale, torch.ones_like(scale)):
+                with torch.no_grad():
+                    grad_hidden = grad_hidden * scale.to(grad_hidden.dtype) if need_hidden else grad_hidden
+                    grad_weight = grad_weight * scale if need_weight else grad_weight
+                    grad_bias = grad_bias * scale if need_bias else grad_bias
         grads = (
             grad_hidden.to(hidden_dtype).view(hidden_shape) if need_hidden else None,
             grad_weight.to(weight_dtype) if need_weight else None,
