@@ -1,26 +1,26 @@
-"""What ``convert`` costs at setup on LLaMA-7B-sized models: time per phase and peak host memory.
+"""What ``convert`` costs at setup on LLaMA-7B and -70B-sized models: time per phase and peak host memory.
 
-Each case builds a transformers ``LlamaForCausalLM`` at LLaMA-7B's true widths (hidden 4096,
-intermediate 11008, 32 heads) and converts it with ``lightning_approxbp.convert`` using a probe
-batch the size the ``ApproxBP`` callback uses (2 samples; here 2 x 128 tokens, with labels, so the
-probe returns the loss as a training step does), in a fresh process of its own, so that no case
-inherits another's memory peak. Cases:
+Each case builds a transformers ``LlamaForCausalLM`` at LLaMA's true widths and converts it with
+``lightning_approxbp.convert`` using a probe batch with labels (so the probe returns the loss as a
+training step does), in a fresh process of its own, so that no case inherits another's memory
+peak. Cases:
 
-- ``llama7b-shaped-fp32``: 2 layers, vocabulary 1,000, fp32 (what a full fine-tune converts);
-- ``llama7b-bf16-2-layers`` and ``-4-layers``: the real vocabulary (32,000), bf16; the time and
-  memory of a 32-layer model (6.74 B parameters) are extrapolated linearly from the two, because a
-  whole 7B model in bf16 (13.5 GB) does not fit beside the other jobs of a shared 24 GB machine;
-- ``llama7b-meta``: all 32 layers built on the meta device (no memory), converted without a probe:
-  recorded as it ends, an error included (``convert`` recognises modules by running them on small
-  inputs, which meta tensors cannot do).
+- ``llama7b-shaped-fp32``: 2 layers at 7B widths, vocabulary 1,000, fp32 (what a full fine-tune converts);
+- ``llama7b-bf16-{2,4,8,12}-layers``: 7B widths, the real vocabulary (32,000), real bf16 weights,
+  probe 2 x 128: how the cost grows with depth (structure first: recognition once per block kind,
+  one representative verified per block kind, the probe on fake tensors for deep models);
+- ``llama7b-meta`` and ``llama70b-meta``: all 32 or 80 layers built on the meta device (no
+  memory), probe 1 x 64: converted without ever materialising the model (recognition and the
+  per-block check run on a materialised copy of one block).
 
 Reported per case: the model's own bytes, wall time per phase of ``convert`` (``collect``: find
 and recognise norms, activations and gated MLPs; ``reference probe``: the original model on the
 probe batch, norm uses traced; ``apply``: the swaps; ``converted probe``: the converted model on
-the probe batch; ``verify``: compare the outputs), the peak RSS of each phase (``VmHWM``, reset
-at each phase's start through ``/proc/self/clear_refs``) above the RSS before ``convert``, and
-the process's peak RSS. The phases are timed by wrapping the engine's internal steps, so the
-split follows the engine's structure; ``other`` is the rest of ``convert``.
+the probe batch; ``verify``: compare the whole outputs; ``block checks``: each block kind's
+representative before and after), the peak RSS of each phase (``VmHWM``, reset at each phase's
+start through ``/proc/self/clear_refs``) above the RSS before ``convert``, and the process's peak
+RSS. The phases are timed by wrapping the engine's internal steps, so the split follows the
+engine's structure; ``other`` is the rest of ``convert``.
 
     python benchmarks/conversion_cost.py            # writes results/conversion_cost_cpu.{json,md}
     python benchmarks/conversion_cost.py --quick    # toy widths, prints only (or --out DIR)
@@ -43,8 +43,7 @@ from typing import Any
 import torch
 from _common import RESULTS_DIR, machine_name, run_child, write_results
 
-PHASES: tuple[str, ...] = ("collect", "reference probe", "apply", "converted probe", "verify")
-FULL_LAYERS = 32
+PHASES: tuple[str, ...] = ("collect", "reference probe", "apply", "converted probe", "verify", "block checks")
 TIMEOUT_S = 1800.0
 MiB = 2**20
 RESULT = "RESULT "  # marks the child's JSON line among whatever else it prints
@@ -61,6 +60,7 @@ class Case:
     layers: int
     vocab: int
     dtype: str
+    kv_heads: int | None = None
     device: str = "cpu"
     probe: bool = True
     samples: int = 2
@@ -73,15 +73,16 @@ def cases(quick: bool) -> list[Case]:
         return [
             Case("toy-fp32", layers=2, vocab=100, dtype="float32", **widths),
             Case("toy-bf16-2-layers", layers=2, vocab=100, dtype="bfloat16", **widths),
-            Case("toy-bf16-4-layers", layers=4, vocab=100, dtype="bfloat16", **widths),
-            Case("toy-meta", layers=4, vocab=100, dtype="bfloat16", device="meta", probe=False, **widths),
+            Case("toy-bf16-6-layers", layers=6, vocab=100, dtype="bfloat16", **widths),
+            Case("toy-meta", layers=6, vocab=100, dtype="bfloat16", device="meta", samples=1, **widths),
         ]
-    llama = {"hidden": 4096, "intermediate": 11008, "heads": 32}
+    llama7b = {"hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32}
+    llama70b = {"hidden": 8192, "intermediate": 28672, "heads": 64, "kv_heads": 8}
     return [
-        Case("llama7b-shaped-fp32", layers=2, vocab=1000, dtype="float32", **llama),
-        Case("llama7b-bf16-2-layers", layers=2, vocab=32000, dtype="bfloat16", **llama),
-        Case("llama7b-bf16-4-layers", layers=4, vocab=32000, dtype="bfloat16", **llama),
-        Case("llama7b-meta", layers=FULL_LAYERS, vocab=32000, dtype="bfloat16", device="meta", probe=False, **llama),
+        Case("llama7b-shaped-fp32", layers=2, vocab=1000, dtype="float32", **llama7b),
+        *(Case(f"llama7b-bf16-{n}-layers", layers=n, vocab=32000, dtype="bfloat16", **llama7b) for n in (2, 4, 8, 12)),
+        Case("llama7b-meta", layers=32, vocab=32000, dtype="bfloat16", device="meta", samples=1, tokens=64, **llama7b),
+        Case("llama70b-meta", layers=80, vocab=128256, dtype="bfloat16", device="meta", samples=1, tokens=64, **llama70b),
     ]
 
 
@@ -118,16 +119,22 @@ def timed_phases(record: dict[str, dict[str, float]]) -> Iterator[None]:
     """
     from lightning_approxbp.conversion import engine
 
+    running: list[str] = []  # a phase that runs inside another (the block checks convert a copy) is the outer's
+
     def wrap(owner: Any, attribute: str, name: Callable[[], str]) -> Callable[..., Any]:
         original = getattr(owner, attribute)
 
         def measured(*args: Any, **kwargs: Any) -> Any:
+            if running:
+                return original(*args, **kwargs)
             phase = name()
+            running.append(phase)
             _reset_peak()
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                running.pop()
                 entry = record.setdefault(phase, {"seconds": 0.0, "peak_rss_bytes": 0})
                 entry["seconds"] += time.perf_counter() - start
                 entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], _proc_status_bytes("VmHWM"))
@@ -141,6 +148,8 @@ def timed_phases(record: dict[str, dict[str, float]]) -> Iterator[None]:
         (engine._Conversion, "collect", lambda: "collect"),
         (engine._Conversion, "apply", lambda: "apply"),
         (engine._Conversion, "verify", lambda: "verify"),
+        (engine._Conversion, "prepare_block_checks", lambda: "block checks"),
+        (engine._Conversion, "verify_blocks", lambda: "block checks"),
         (engine, "run_probe", probe_phase),
     ]
     originals = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in patches]
@@ -158,7 +167,7 @@ def build(case: Case) -> torch.nn.Module:
 
     config = LlamaConfig(
         hidden_size=case.hidden, intermediate_size=case.intermediate, num_attention_heads=case.heads,
-        num_key_value_heads=case.heads, num_hidden_layers=case.layers, vocab_size=case.vocab, use_cache=False,
+        num_key_value_heads=case.kv_heads or case.heads, num_hidden_layers=case.layers, vocab_size=case.vocab, use_cache=False,
     )
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, case.dtype))  # built in its dtype: no fp32 copy on the way
@@ -178,6 +187,7 @@ def measure(case: Case) -> dict[str, Any]:
     model = build(case)
     build_s = time.perf_counter() - start
     tensors = [*model.parameters(), *model.buffers()]
+    keys = list(model.state_dict())
     row: dict[str, Any] = {
         **asdict(case),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -200,6 +210,7 @@ def measure(case: Case) -> dict[str, Any]:
         return row
     row["convert_s"] = time.perf_counter() - start
     row["peak_rss_bytes"] = max([_proc_status_bytes("VmHWM"), *(p["peak_rss_bytes"] for p in phases.values())])
+    row["state_dict_keys_unchanged"] = list(model.state_dict()) == keys
     row["rss_after_bytes"] = _proc_status_bytes("VmRSS")
     row["rss_after_trim_bytes"] = _rss_after_trim()
     row["phases"] = phases
@@ -207,6 +218,9 @@ def measure(case: Case) -> dict[str, Any]:
     row["probe_saved_bytes"] = report.bytes_before
     row["saved_bytes_reduction"] = report.reduction
     row["max_error"] = report.max_error
+    row["fused_gated_mlps"] = sum("fused gated MLP" in r.strategy for r in report.converted)
+    row["converted_norms"] = sum("Norm" in r.kind for r in report.converted)
+    row["parameters_stay_meta"] = case.device != "meta" or all(p.is_meta for p in model.parameters())
     return row
 
 
@@ -222,51 +236,25 @@ def run_case(case: Case) -> dict[str, Any]:
     return row
 
 
-def extrapolate(rows: list[dict[str, Any]], layers: int) -> dict[str, Any] | None:
-    """Linear fit through the two real-vocabulary bf16 cases, evaluated at ``layers`` layers."""
-    pair = sorted((r for r in rows if r["dtype"] == "bfloat16" and r["device"] == "cpu" and "error" not in r),
-                  key=lambda r: r["layers"])
-    if len(pair) != 2:
-        return None
-    small, large = pair
-    span = large["layers"] - small["layers"]
-
-    def at(key: Callable[[dict[str, Any]], float]) -> float:
-        per_layer = (key(large) - key(small)) / span
-        return key(small) + per_layer * (layers - small["layers"])
-
-    phase_s = {p: at(lambda r, p=p: r["phases"].get(p, {}).get("seconds", 0.0)) for p in PHASES}
-    return {
-        "layers": layers,
-        "vocab": large["vocab"],
-        "parameters": round(at(lambda r: r["parameters"])),
-        "model_bytes": at(lambda r: r["model_bytes"]),
-        "convert_s": at(lambda r: r["convert_s"]),
-        "phase_s": phase_s,
-        "peak_above_model_bytes": at(lambda r: r["peak_rss_bytes"] - r["rss_before_bytes"]),
-        "from": [small["name"], large["name"]],
-    }
-
-
 def _seconds(row: dict[str, Any], phase: str) -> str:
     entry = row["phases"].get(phase)
     return "-" if entry is None else f"{entry['seconds']:.2f}"
 
 
-def markdown(machine: str, rows: list[dict[str, Any]], projection: dict[str, Any] | None) -> str:
+def markdown(machine: str, rows: list[dict[str, Any]], load: str) -> str:
     widths = {(r["hidden"], r["intermediate"], r["heads"]) for r in rows}
     lines = [
         "# Conversion cost: setup time and peak host memory of `convert`",
         "",
-        f"Machine: **{machine}** (shared: other jobs ran at the same time, so times are upper bounds). "
-        "Generated by `python benchmarks/conversion_cost.py`. `LlamaForCausalLM` with "
-        + ", ".join(f"hidden {h}, intermediate {i}, {n} heads" for h, i, n in sorted(widths))
-        + "; probe = 2 samples with labels (what the `ApproxBP` callback runs); each case in a fresh process.",
+        f"Machine: **{machine}**, load average {load} when it started (other jobs may have run at the same "
+        "time, so times are upper bounds). Generated by `python benchmarks/conversion_cost.py`. `LlamaForCausalLM` "
+        "with " + ", ".join(f"hidden {h}, intermediate {i}, {n} heads" for h, i, n in sorted(widths))
+        + "; probe with labels (as the `ApproxBP` callback runs it); each case in a fresh process.",
         "",
         "## Time per phase of `convert` (seconds)",
         "",
-        "| case | parameters | probe | " + " | ".join(PHASES) + " | other | total |",
-        "|---|---|---|" + "---|" * (len(PHASES) + 2),
+        "| case | parameters | probe | " + " | ".join(PHASES) + " | other | total | fused MLPs | converted norms |",
+        "|---|---|---|" + "---|" * (len(PHASES) + 4),
     ]
     done = [r for r in rows if "error" not in r]
     for row in done:
@@ -274,7 +262,7 @@ def markdown(machine: str, rows: list[dict[str, Any]], projection: dict[str, Any
         other = row["convert_s"] - sum(p["seconds"] for p in row["phases"].values())
         cells = " | ".join(_seconds(row, p) for p in PHASES)
         lines.append(f"| {row['name']} | {row['parameters'] / 1e6:,.1f} M | {probe} | {cells} | {other:.2f} | "
-                     f"{row['convert_s']:.2f} |")
+                     f"{row['convert_s']:.2f} | {row['fused_gated_mlps']} | {row['converted_norms']} |")
     lines += [
         "",
         "## Host memory (MiB)",
@@ -297,16 +285,24 @@ def markdown(machine: str, rows: list[dict[str, Any]], projection: dict[str, Any
             f"+{(row['peak_rss_bytes'] - base) / MiB:,.0f} | {(row['rss_after_bytes'] - base) / MiB:+,.0f} | "
             f"{(row['rss_after_trim_bytes'] - base) / MiB:+,.0f} | {row['process_max_rss_bytes'] / MiB:,.0f} |"
         )
-    if projection is not None:
-        phase_text = ", ".join(f"{p} {s:.1f} s" for p, s in projection["phase_s"].items())
+    curve = sorted((r for r in done if r["name"].startswith("llama7b-bf16-")), key=lambda r: r["layers"])
+    if len(curve) > 1:
         lines += [
             "",
-            f"## Extrapolated to {projection['layers']} layers (bf16, vocabulary {projection['vocab']:,})",
+            "## Growth with depth (LLaMA-7B widths, bf16, real weights)",
             "",
-            (f"Linear in the layer count through {' and '.join(projection['from'])} (not measured): "
-            f"{projection['parameters'] / 1e9:.2f} B parameters, model {projection['model_bytes'] / 2**30:.1f} GiB; "
-            f"`convert` {projection['convert_s']:.0f} s ({phase_text}); "
-            f"peak RSS {projection['peak_above_model_bytes'] / MiB:,.0f} MiB above the model's RSS."),
+            ", ".join(f"{r['layers']} layers {r['convert_s']:.1f} s" for r in curve)
+            + f": {curve[-1]['layers']} layers take {curve[-1]['convert_s'] / curve[0]['convert_s']:.2f}x the time of "
+            f"{curve[0]['layers']} (target: at most 1.5x).",
+        ]
+    meta = [r for r in done if r["device"] == "meta"]
+    for row in meta:
+        lines += [
+            "",
+            f"`{row['name']}` ({row['layers']} layers, {row['parameters'] / 1e9:.1f} B parameters on the meta device): "
+            f"{row['convert_s']:.1f} s, process peak RSS {row['process_max_rss_bytes'] / 2**30:.2f} GiB; "
+            f"{row['fused_gated_mlps']} fused gated MLPs, {row['converted_norms']} converted norms; parameters "
+            f"still on meta: {row['parameters_stay_meta']}; state-dict keys unchanged: {row['state_dict_keys_unchanged']}.",
         ]
     failed = [r for r in rows if "error" in r]
     if failed:
@@ -326,13 +322,13 @@ def main() -> None:
         return
     out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
 
+    load = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
     rows = [run_case(case) for case in cases(args.quick)]
-    projection = extrapolate(rows, FULL_LAYERS)
     machine = machine_name(torch.device("cpu"))
-    text = markdown(machine, rows, projection)
+    text = markdown(machine, rows, load)
     print(text)
     if out is not None:
-        payload = {"machine": machine, "quick": args.quick, "results": rows, "extrapolated": projection}
+        payload = {"machine": machine, "quick": args.quick, "load_average": load, "results": rows}
         json_path, md_path = write_results("conversion_cost", torch.device("cpu"), payload, text, out)
         print(f"wrote {json_path} and {md_path}")
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_approxbp import functional, nn, tables
 from lightning_approxbp.conversion import ConversionConfig, ConversionReport, convert
+from lightning_approxbp.errors import OptionError, ProbeError
 from lightning_approxbp.ops import use_backend
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ __all__ = [
     "ApproxBPPrecision",
     "ConversionConfig",
     "ConversionReport",
+    "OptionError",
+    "ProbeError",
     "PeakMemoryMonitor",
     "__version__",
     "convert",

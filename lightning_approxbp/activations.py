@@ -4,10 +4,17 @@ Each entry names an activation and gives what the rest of the package needs of i
 
 - ``kernel_id``: the value of the Triton kernels' ``ACTIVATION`` switch;
 - ``torch_forward``: torch's own op, what the PyTorch path and the conversion's behavioural
-  matching compute (fp32 internally for 16-bit inputs, like torch's fused kernels);
+  matching compute (fp32 internally for 16-bit inputs, like torch's fused kernels), with
+  infinite inputs mapped to the function's limits (below);
 - ``formula``: the same function in elementary operations, exact in any dtype (the fp64
   references of the tests use it);
 - ``derivative``: the exact ``h'(x)``, which the step tables approximate.
+
+Non-finite inputs have one meaning everywhere (both backends, every CPU): every activation here
+tends to ``+inf`` at ``+inf`` and to ``0`` at ``-inf``, and those limits are its values there;
+NaN stays NaN. Torch's own kernels do not agree with themselves on this (``x * cdf(x)`` gives
+``-inf * 0 = NaN`` at ``-inf``, and on CPUs with AVX512 the vectorised ``F.gelu`` returns NaN at
+``+inf`` where its scalar path returns ``+inf``), so the registry fixes it up once.
 
 This module imports nothing from the package, so every layer can read it.
 
@@ -46,6 +53,22 @@ class Activation:
     derivative: Callable[[Tensor], Tensor]
 
 
+def at_infinity_limits(op: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``op`` with ``+inf`` inputs mapped to ``+inf`` and ``-inf`` inputs to ``0``."""
+
+    def forward(x: Tensor) -> Tensor:
+        y = op(x)
+        infinite = x.isinf()
+        # On CPU, a test for any infinity is cheaper than the select it saves; elsewhere (and
+        # while compiling) the select runs unconditionally, without a data-dependent branch.
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and not infinite.any():
+            return y
+        return torch.where(infinite, x.clamp(min=0).to(y.dtype), y)
+
+    forward.__name__ = getattr(op, "__name__", "forward")
+    return forward
+
+
 def _gelu_derivative(x: Tensor) -> Tensor:
     cdf = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
     pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
@@ -78,28 +101,28 @@ _REGISTRY: dict[str, Activation] = {
         Activation(
             "gelu",
             kernel_id=0,
-            torch_forward=F.gelu,
+            torch_forward=at_infinity_limits(F.gelu),
             formula=lambda x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0))),
             derivative=_gelu_derivative,
         ),
         Activation(
             "gelu_tanh",
             kernel_id=1,
-            torch_forward=lambda x: F.gelu(x, approximate="tanh"),
+            torch_forward=at_infinity_limits(lambda x: F.gelu(x, approximate="tanh")),
             formula=lambda x: 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + _TANH_CUBIC * x**3))),
             derivative=_gelu_tanh_derivative,
         ),
         Activation(
             "silu",
             kernel_id=2,
-            torch_forward=F.silu,
+            torch_forward=at_infinity_limits(F.silu),
             formula=lambda x: x * torch.sigmoid(x),
             derivative=_sigmoid_gate_derivative(1.0),
         ),
         Activation(
             "quick_gelu",
             kernel_id=3,
-            torch_forward=_quick_gelu,
+            torch_forward=at_infinity_limits(_quick_gelu),
             formula=lambda x: x * torch.sigmoid(_QUICK_GELU_ALPHA * x),
             derivative=_sigmoid_gate_derivative(_QUICK_GELU_ALPHA),
         ),

@@ -16,6 +16,9 @@ mode, and this package's callbacks, plugin and recipes importable by short name 
   ``.yaml`` appended when ``NAME`` has no suffix. So ``--config approxbp.yaml``,
   ``--config approxbp`` and ``--config configs/approxbp.yaml`` all work from a checkout.
 - Re-runs overwrite the ``config.yaml`` that LightningCLI saves in the log directory.
+- A bad value or an unknown key in the YAML or on the command line gets one short message that
+  names the option, the value, what is accepted and the closest match, without a traceback;
+  ``--debug`` (or ``APPROXBP_DEBUG=1``) shows the traceback.
 
 Example::
 
@@ -27,6 +30,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import inspect
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -34,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_approxbp.errors import OptionError
 
 SUBCOMMANDS: tuple[str, ...] = ("fit", "validate", "test", "predict")
 SDK_DISTRIBUTION = "lightning-sdk"
@@ -44,6 +51,9 @@ SHORT_NAME_MODULES: tuple[str, ...] = (
     "lightning_approxbp.plugins",
 )
 CONFIG_FLAGS: tuple[str, ...] = ("-c", "--config")
+DEBUG_FLAG = "--debug"
+DEBUG_ENV_VAR = "APPROXBP_DEBUG"
+DEBUG_TIP = f"(run with {DEBUG_FLAG} or {DEBUG_ENV_VAR}=1 for the traceback)"
 SOURCE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -59,7 +69,7 @@ class ConciseArgumentParser(LightningArgumentParser):
         (file or sys.stdout).write(f"usage: {prog} [options]\n")
 
     def error(self, message: str, ex: Exception | None = None) -> Any:
-        return super().error(message + self._suggestions(message), ex)
+        return super().error(_unknown_class_option(message) or message + self._suggestions(message), ex)
 
     def _suggestions(self, message: str) -> str:
         unknown = re.findall(r"(--[\w.]+)", message.partition("unrecognized arguments:")[2])
@@ -70,6 +80,26 @@ class ConciseArgumentParser(LightningArgumentParser):
             if close:
                 hints.append(f"{option}: did you mean {' or '.join(close)}?")
         return "".join(f"\n  {hint}" for hint in hints)
+
+
+def _unknown_class_option(message: str) -> str | None:
+    """For jsonargparse's nested report of an unknown ``init_args`` key, one line that names the
+    class, the key and the closest options; ``None`` for any other error."""
+    found = re.search(r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
+    if found is None:
+        return None
+    class_path, option = found.groups()
+    key = re.search(r'Parser key "([\w.]+)"', message)
+    where = f" (in {key.group(1)})" if key else ""
+    module, _, name = class_path.rpartition(".")
+    try:
+        options = [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+                   if p not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, ValueError):
+        return f"{name} has no option {option!r}{where}."
+    close = difflib.get_close_matches(option, options, n=2, cutoff=0.6)
+    suggestion = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"{name} has no option {option!r}{where}.{suggestion}\n  Its options: {', '.join(options)}."
 
 
 def main(args: Sequence[str] | None = None) -> Any:
@@ -86,7 +116,16 @@ def main(args: Sequence[str] | None = None) -> Any:
         entry_point = sdk_entry_point()
         if entry_point is not None:
             return _run_sdk(entry_point, argv)
-    cli(resolve_config_paths(argv))
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV_VAR, "0") not in ("", "0")
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    try:
+        cli(resolve_config_paths(argv))
+    except Exception as error:
+        option_error = None if debug else OptionError.find(error)
+        if option_error is None:
+            raise
+        sys.stderr.write(f"error: {option_error}\n{DEBUG_TIP}\n")
+        raise SystemExit(2) from None
     return None
 
 

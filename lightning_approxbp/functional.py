@@ -56,10 +56,11 @@ def step_activation(x: Tensor, activation: str = "gelu", *, bits: int = 2, table
         bits: 1, 2 or 4 bits saved per element.
         table: ``"fitted"`` (default), ``"paper"``, or a :class:`~lightning_approxbp.tables.StepTable`.
 
-    Non-finite inputs: the forward is torch's (NaN stays NaN). Exact backprop gives a NaN
-    gradient at a NaN or infinite input; here any non-finite input of a call makes that call's
-    whole input gradient NaN (the codes cannot say which element it was), so divergence still
-    shows and fp16 loss scaling still skips the step.
+    Non-finite inputs: the forward gives the activation's limits at infinity (``+inf`` at
+    ``+inf``, ``0`` at ``-inf``; NaN stays NaN), on both backends and every CPU. Exact backprop
+    gives a NaN gradient at a NaN or infinite input; here any non-finite input of a call makes
+    that call's whole input gradient NaN (the codes cannot say which element it was), so
+    divergence still shows and fp16 loss scaling still skips the step.
     """
     return _step_activation(x, resolve_table(activation, bits, table))
 

@@ -87,8 +87,17 @@ def _unpack(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def storage_id(tensor: Tensor) -> int:
+    """An id of ``tensor``'s storage, shared by all its views, while the storage lives.
+
+    The storage object itself, not its data pointer: tensors without data (meta, fake) have a
+    null data pointer, but each its own storage.
+    """
+    return tensor.untyped_storage()._cdata
+
+
 def _storage_key(tensor: Tensor) -> tuple[int, str]:
-    return tensor.untyped_storage().data_ptr(), str(tensor.device)
+    return storage_id(tensor), str(tensor.device)
 
 
 def count_saved_bytes(module: torch.nn.Module, *args: object, **kwargs: object) -> SavedTensorStats:

@@ -27,6 +27,7 @@ from lightning_approxbp.conversion.config import DEFAULT_MIN_KEEP_WEIGHT
 from lightning_approxbp.conversion.probe import ProbeFn, probe_from_example
 from lightning_approxbp.conversion.sharding import describe, sharded_modules
 from lightning_approxbp.conversion.walker import ModuleFilter
+from lightning_approxbp.errors import ProbeError
 from lightning_approxbp.tables import StepTable
 
 # Lightning calls these LightningModule hooks, in this order, after the callbacks' ``setup`` and
@@ -218,8 +219,10 @@ class ApproxBP(Callback):
             try:
                 report = convert(pl_module, probe=probe, probe_label=label, config=self.config, filter=self._filter)
                 break
-            except ProbeUnavailable as error:
-                failure = error.__cause__
+            except ProbeError as error:
+                if not isinstance(error.__cause__, ProbeUnavailable):
+                    raise
+                failure = error.__cause__.__cause__
         else:
             if failure is not None:
                 rank_zero_warn(

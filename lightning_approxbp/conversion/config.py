@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lightning_approxbp.errors import OptionError
 from lightning_approxbp.tables import SUPPORTED_BITS, TABLE_KINDS, StepTable, has_table
 
 AFFINE_STRATEGIES: tuple[str, ...] = ("auto", "merge", "keep")
@@ -72,19 +73,19 @@ class ConversionConfig:
             )
         if not (isinstance(self.fused_loss, bool) or self.fused_loss == "auto"):
             raise ValueError(f"fused_loss={self.fused_loss!r} is unknown; use True, False or 'auto'.")
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}.")
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise OptionError("bits", self.bits, SUPPORTED_BITS)
         if isinstance(self.table, StepTable):
             if self.table.bits != self.bits:
                 raise ValueError(
                     f"The table has {self.table.bits} bits but bits={self.bits}; pass bits={self.table.bits}."
                 )
         elif self.table not in TABLE_KINDS:
-            raise ValueError(f"table={self.table!r} is unknown; use one of {TABLE_KINDS} or a StepTable.")
+            raise OptionError("table", self.table, TABLE_KINDS, extra="or a StepTable")
         elif self.table == "paper" and self.bits != 2:
             raise ValueError(f"The paper's tables have 2 bits; pass bits=2 or table='fitted' (got bits={self.bits}).")
         if self.affine not in AFFINE_STRATEGIES:
-            raise ValueError(f"affine={self.affine!r} is unknown; use one of {AFFINE_STRATEGIES}.")
+            raise OptionError("affine", self.affine, AFFINE_STRATEGIES)
         if self.affine != "auto" and not self.norms:
             raise ValueError(f"affine={self.affine!r} only applies to norms, but norms=False; drop affine or set norms=True.")
         if not self.min_keep_weight > 0:

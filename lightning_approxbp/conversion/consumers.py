@@ -10,6 +10,10 @@ innermost running module. Tensors returned by the probe are uses as well (the ca
 A use is *mergeable* when it is the input read of a registered consumer layer
 (:data:`~lightning_approxbp.conversion.merged.CONSUMER_KINDS`) with its own weight, the tensor
 keeps the feature axis last and contiguous, and that layer never reads anything else.
+
+A dropout module's output made from a norm output is a new tensor (in training), not a use to
+follow; the consumer layers that read it are recorded all the same
+(:attr:`NormUses.through_dropout`), so that the report can say why they keep their own copy.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from lightning_approxbp.conversion.merged import consumer_kind
+from lightning_approxbp.saved_tensors import storage_id
 
 # Functions that return no tensor but read data (everything else without a tensor result is metadata).
 _DATA_READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__array__"})
@@ -53,6 +59,13 @@ class NormUses:
 
     uses: list[Use] = field(default_factory=list)
     called: bool = False
+    # (consumer layer fqn, dropout fqn): layers that read this output after a dropout module
+    through_dropout: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def layer_readers(self) -> list[str]:
+        """The fqns of the layers that read this output as their input (mergeable or not)."""
+        return list(dict.fromkeys(use.module_fqn for use in self.uses if use.op.startswith(("linear", "addmm"))))
 
     @property
     def consumers(self) -> list[nn.Module]:
@@ -93,7 +106,7 @@ def _is_inplace(name: str, kwargs: dict) -> bool:
 
 
 def _storage(tensor: Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
+    return storage_id(tensor)
 
 
 class _Tracer(TorchFunctionMode):
@@ -104,6 +117,8 @@ class _Tracer(TorchFunctionMode):
         self.tracked: dict[int, tuple[Tensor, nn.Module]] = {}
         self.stack: list[nn.Module] = []
         self.uses: dict[nn.Module, NormUses] = {norm: NormUses() for norm in norms}
+        # dropout outputs made from a norm output: id -> (tensor, norm, dropout fqn)
+        self.dropped: dict[int, tuple[Tensor, nn.Module, str]] = {}
         # every input read of a registered consumer: the norm it came from (None: something else)
         self.consumer_reads: dict[nn.Module, set[Any]] = {}
 
@@ -151,6 +166,10 @@ class _Tracer(TorchFunctionMode):
         kind = consumer_kind(module) if module is not None else None
         if kind is None or func is not kind.op:
             return
+        for tensor, _ in inputs:
+            entry = self.dropped.get(id(tensor))
+            if entry is not None and entry[0] is tensor and kind.reads(func, args, kwargs, module, tensor):
+                self.uses[entry[1]].through_dropout.append((self.fqns.get(module, ""), entry[2]))
         sources = self.consumer_reads.setdefault(module, set())
         matched = [norm for t, norm in inputs if kind.reads(func, args, kwargs, module, t)]
         sources.add(matched[0] if matched else None)
@@ -191,6 +210,10 @@ def trace_norm_uses(root: nn.Module, norms: dict[nn.Module, int | None]) -> Iter
         if module in norms and isinstance(output, Tensor):
             tracer.uses[module].called = True
             tracer.track(output, module)
+        elif isinstance(module, _DropoutNd) and args and isinstance(output, Tensor):
+            norm = tracer.source(args[0])
+            if norm is not None and output is not args[0]:
+                tracer.dropped[id(output)] = (output, norm, fqns[module])
 
     handles = []
     for module in fqns:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from lightning_approxbp._warnings import warn_rank_zero
 from lightning_approxbp.activations import ACTIVATIONS
@@ -14,6 +17,12 @@ from lightning_approxbp.conversion.activations import (
     identify_activation,
     is_activation_candidate,
     looks_like_activation,
+)
+from lightning_approxbp.conversion.blocks import (
+    BlockKind,
+    block_kinds,
+    block_outputs,
+    capture_inputs,
 )
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses
@@ -49,9 +58,17 @@ from lightning_approxbp.conversion.probe import (
 )
 from lightning_approxbp.conversion.report import ConversionReport
 from lightning_approxbp.conversion.sharding import describe, sharded_modules
+from lightning_approxbp.conversion.structure import (
+    StructureCache,
+    has_no_values,
+    materialized_twin,
+)
 from lightning_approxbp.conversion.walker import ModuleFilter, Site, SwapLog, sites
+from lightning_approxbp.errors import ProbeError
 from lightning_approxbp.nn import RegeneratedDropout, StepActivation
 
+# Up to this many blocks of one kind, the whole model's output is compared too.
+_WHOLE_MODEL_MAX_REPEATS = 4
 _NO_PROBE_NOTE = (
     "no probe batch: the uses of norm outputs were not traced, so no affine was merged (norms with safe "
     "weights keep their affine), the output was not verified and saved bytes were not measured. Pass "
@@ -88,7 +105,7 @@ def _features(spec: NormSpec) -> int | None:
 
 def _min_abs_gamma(norm: nn.Module, offset: float) -> float | None:
     scale = gamma(norm, offset)
-    return None if scale is None or scale.numel() == 0 else scale.abs().min().item()
+    return None if scale is None or scale.numel() == 0 or scale.is_meta else scale.abs().min().item()
 
 
 def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
@@ -117,6 +134,8 @@ def decide(candidate: _NormCandidate, config: ConversionConfig) -> _Decision:
     keep_reason = "affine kept (forced)" if config.affine == "keep" else f"{merge.reason}; affine kept"
     if smallest is not None:
         keep_reason += f", min |weight| = {smallest:.2g}"
+    elif spec.has_weight and candidate.site.module.weight.is_meta:
+        keep_reason += ", min |weight| checked at the first forward with real weights"
     if dtype_policy == "input":
         keep_reason += "; emits its input dtype under autocast (output feeds more than linear layers)"
     return _Decision("keep", dtype_policy, sharing, reason=keep_reason)
@@ -131,6 +150,7 @@ class _Conversion:
         self.filter = module_filter
         self.report = ConversionReport()
         self.log = SwapLog()
+        self.structure = StructureCache()
         self.sites = list(sites(root))
         self.site_of = {id(site.module): site for site in self.sites}
         self.norms: list[_NormCandidate] = []
@@ -160,20 +180,24 @@ class _Conversion:
                 if module.p > 0 and site.holders:
                     self.dropouts.append(site)
                 continue
-            if self.config.norms and (spec := detect_norm(module)) is not None:
+            if self.config.norms and (spec := self._recognise("norm", module, detect_norm)) is not None:
                 self._add_norm(site, spec)
             elif self.config.norms and (reason := why_not_a_norm(module)) is not None:
                 self.report.add(site.fqn, type(module).__name__, "skipped", reason=reason)
             elif self.config.activations:
                 self._add_activation(site)
 
+    def _recognise(self, name: str, module: nn.Module, detect: Callable[..., Any]) -> Any:
+        """``detect(module)``, once per structure, probing a materialised twin where there are no values."""
+        return self.structure.recognise(name, module, lambda m: detect(m, values=self.structure.twin))
+
     def _add_gated_mlp(self, site: Site) -> bool:
         """Record a fusable gated MLP or set of gated experts (True), or report why one cannot be fused."""
-        spec, why_not = detect_gated_mlp(site.module)
+        spec, why_not = self._recognise("gated_mlp", site.module, detect_gated_mlp)
         if why_not is not None:
             self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=f"gated MLP not fused: {why_not}")
         if spec is None and why_not is None:
-            spec, why_not = detect_gated_experts(site.module)
+            spec, why_not = self._recognise("gated_experts", site.module, detect_gated_experts)
             if why_not is not None:
                 self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=why_not)
         if spec is None or not site.holders:
@@ -194,7 +218,7 @@ class _Conversion:
 
     def _add_activation(self, site: Site) -> None:
         module = site.module
-        name = identify_activation(module) if is_activation_candidate(module) else None
+        name = self.structure.recognise("activation", module, identify_activation) if is_activation_candidate(module) else None
         if name is not None:
             why = self._cannot_convert_activation(site, name)
             if why is None:
@@ -218,9 +242,9 @@ class _Conversion:
         return None
 
     # ----------------------------------------------------------------------- probe + decide
-    def trace(self, probe: ProbeFn) -> ProbeRun:
+    def trace(self, probe: ProbeFn, compute_free: bool = False) -> ProbeRun:
         norms = {c.site.module: _features(c.spec) for c in self.norms}
-        run = run_probe(self.root, probe, trace_norms=norms)
+        run = run_probe(self.root, probe, trace_norms=norms, compute_free=compute_free)
         for candidate in self.norms:
             candidate.uses = run.norm_uses[candidate.site.module]
         return run
@@ -264,6 +288,7 @@ class _Conversion:
         kind = f"{type(site.module).__name__}"
         if decision.strategy is None:
             self.report.add(site.fqn, kind, "skipped", reason=decision.reason)
+            self._report_readers(candidate, decision)
             return
         new = build_converted_norm(
             site.module, spec, decision.strategy, decision.dtype_policy, min_keep_weight=self.config.min_keep_weight
@@ -279,6 +304,31 @@ class _Conversion:
                 replacement, strategy = share_input_of(consumer), f"saves the output of {site.fqn}, no copy"
             self.log.replace_site(consumer_site, replacement)
             self.report.add(consumer_site.fqn, type(consumer).__name__, "converted", strategy)
+        self._report_readers(candidate, decision)
+
+    def _report_readers(self, candidate: _NormCandidate, decision: _Decision) -> None:
+        """A row for every layer that reads the norm's output but was left as it was, saying why."""
+        uses, norm_fqn = candidate.uses, candidate.site.fqn
+        if uses is None:
+            return
+        changed = {self.site_of[id(consumer)].fqn for consumer in decision.consumers}
+        if decision.strategy is None:
+            why = f"reads the output of {norm_fqn}, which was skipped: keeps its own input copy"
+        elif not self.config.share_norm_output and decision.strategy != "merge":
+            why = f"reads the output of {norm_fqn}; share_norm_output=False: keeps its own input copy"
+        else:
+            why = f"reads the output of {norm_fqn} together with other inputs: keeps its own input copy"
+        readers = [(fqn, why) for fqn in uses.layer_readers if fqn not in changed]
+        readers += [
+            (fqn, f"reads the output of {norm_fqn} through {dropout} (a new tensor while training), which no "
+                  "other layer saves: keeps its own input copy")
+            for fqn, dropout in dict.fromkeys(uses.through_dropout)
+        ]
+        listed = {row.fqn for row in self.report.rows}
+        for fqn, why in readers:
+            if fqn and fqn not in listed:
+                listed.add(fqn)
+                self.report.add(fqn, type(self.root.get_submodule(fqn)).__name__, "skipped", reason=why)
 
     def _step(self, name: str) -> StepActivation:
         return StepActivation(name, bits=self.config.bits, table=self.config.table_for(name))
@@ -289,22 +339,96 @@ class _Conversion:
         return f"step {name} {self.config.bits}-bit {kind}"
 
     # ----------------------------------------------------------------------- verify
-    def verify(self, reference: ProbeRun, converted: ProbeRun) -> None:
-        error, index = max_relative_error(reference.outputs, converted.outputs)
-        dtypes = [t.dtype for t in reference.outputs] + [p.dtype for p in self.root.parameters()]
-        tolerance = self.config.tolerance or max((default_tolerance(d) for d in dtypes), default=1e-4)
-        self.report.max_error = error
-        if error <= tolerance:
-            return
+    def prepare_block_checks(self, kinds: list[BlockKind]) -> list[_BlockCheck]:
+        """Before the swap: each block kind's inputs and its representative's reference output.
+
+        A representative without values is checked on a materialised twin (random weights).
+        """
+        checks = []
+        for kind in kinds:
+            if kind.inputs is None:
+                continue  # not called by the probe: nothing it computes was traced either
+            representative = kind.representative.module
+            twin = materialized_twin(representative) if has_no_values(representative) else None
+            device = next((twin or representative).parameters(), torch.empty(0)).device
+            inputs = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, kind.draw_inputs())
+            checks.append(_BlockCheck(kind, inputs, twin, block_outputs(twin or representative, inputs)))
+        return checks
+
+    def verify_blocks(self, checks: list[_BlockCheck]) -> None:
+        """After the swap: every block kind's representative computes what it computed before
+        (a twin is converted on its own first, with this conversion's options)."""
+        for check in checks:
+            fqn = check.kind.representative.fqn
+            where = f"the output of {fqn} and the {len(check.kind.members) - 1} other blocks of its kind"
+            if check.twin is not None:
+                args, kwargs = check.inputs
+                convert(check.twin, probe=lambda m: m(*args, **kwargs), config=replace(self.config, verify=False))
+                block = check.twin
+                where += f" (checked on a copy of {fqn} with random weights)"
+            else:
+                current = check.kind.representative.holders[0]
+                block = getattr(*current) if current else self.root
+            error, index = max_relative_error(check.reference, block_outputs(block, check.inputs))
+            self.report.max_error = max(self.report.max_error or 0.0, error)
+            tolerance = self._tolerance(check.reference, block)
+            if error > tolerance:
+                self._refuse(error, index, tolerance, where=where)
+
+    def _tolerance(self, outputs: list[Tensor], module: nn.Module) -> float:
+        dtypes = [t.dtype for t in outputs] + [p.dtype for p in module.parameters()]
+        return self.config.tolerance or max((default_tolerance(d) for d in dtypes), default=1e-4)
+
+    def _refuse(self, error: float, index: int, tolerance: float, where: str) -> None:
         changed = ", ".join(row.fqn for row in self.report.converted[:8])
         more = len(self.report.converted) - 8
         self.log.undo_all()
         raise RuntimeError(
-            f"ApproxBP conversion changed the model output: max relative difference {error:.3e} at output {index} "
+            f"ApproxBP conversion changed {where}: max relative difference {error:.3e} at output {index} "
             f"exceeds the tolerance {tolerance:.1e}. The model was left unconverted. Converted modules were: "
             f"{changed}{f' and {more} more' if more > 0 else ''}. Exclude the culprit with filter=..., or pass "
             "verify=False to accept the difference."
         )
+
+    def verify(self, reference: ProbeRun, converted: ProbeRun) -> None:
+        """The whole model's output on the probe batch is what it was."""
+        error, index = max_relative_error(reference.outputs, converted.outputs)
+        tolerance = self._tolerance(reference.outputs, self.root)
+        self.report.max_error = max(self.report.max_error or 0.0, error)
+        if error > tolerance:
+            self._refuse(error, index, tolerance, where="the model output")
+
+
+@dataclass
+class _BlockCheck:
+    kind: BlockKind
+    inputs: tuple[tuple[Any, ...], dict[str, Any]]
+    twin: nn.Module | None  # a materialised copy, for a representative without values
+    reference: list[Tensor]  # what the representative (or its twin) computed before conversion
+
+
+def _to_meta(leaf: Any) -> Any:
+    return leaf.to("meta") if isinstance(leaf, Tensor) else leaf
+
+
+def _compute_free_or_real(run: Callable[[bool], ProbeRun | None], compute_free: bool) -> ProbeRun | None:
+    """``run(True)``, or ``run(False)`` when a forward on fake tensors fails (it needed values;
+    on the meta device, ``run(False)`` runs on meta tensors, which suits some models better)."""
+    if compute_free:
+        try:
+            return run(True)
+        except Exception:  # noqa: BLE001 - e.g. a data-dependent branch or `.item()` in the model's forward
+            pass
+    return run(False)
+
+
+def _whole_model_note(has_values: bool, kinds: list[BlockKind]) -> str:
+    why = (
+        "its parameters are on the meta device (no values)"
+        if not has_values
+        else f"its error would grow with depth ({max(len(kind.members) for kind in kinds)} repeated blocks)"
+    )
+    return f"whole-model output not compared: {why}; each block kind was verified on its first member instead."
 
 
 def convert(
@@ -349,6 +473,8 @@ def convert(
     Raises:
         ValueError: for conflicting or unknown options, or a model already sharded (FSDP, tensor
             parallelism): convert first, then shard.
+        ProbeError: (a ``ValueError``) when the model rejects ``example_input`` (or ``probe``
+            fails); the model's own error is chained and the model is unchanged.
         RuntimeError: if ``verify`` finds a different output (the model is then left unconverted).
 
     Example::
@@ -372,8 +498,11 @@ def convert(
         )
     if example_input is not None and probe is not None:
         raise ValueError("Pass either example_input or probe, not both.")
+    has_values = not has_no_values(module)
     if probe is None and example_input is not None:
-        probe = probe_from_example(example_input)
+        # A model without values runs on meta inputs (shapes only), whatever device the batch is on.
+        inputs = example_input if has_values else tree_map(_to_meta, example_input)
+        probe = probe_from_example(inputs)
         probe_label = probe_label or "example_input"
     # The fused loss ("auto") watches the probe runs for reads of the logits; only a training step shows them.
     watch = LogitsWatch(module) if config.fused_loss == "auto" and probe is not None and example_input is None else None
@@ -382,22 +511,41 @@ def convert(
     report = conversion.report
     report.probe = probe_label or ("custom" if probe is not None else "none")
     conversion.collect()
-    reference = conversion.trace(probe) if probe is not None and conversion.norms else None
     others = (conversion.activations, conversion.function_activations, conversion.gated_mlps, conversion.dropouts)
-    if probe is not None and reference is None and any(others):
-        reference = run_probe(module, probe)
+    kinds = block_kinds(conversion.sites, conversion.structure)
+    # The whole output is compared where that is cheap and meaningful: a model with values and
+    # few repeated blocks (its error grows with depth, and each block kind is checked anyway).
+    whole_model_check = has_values and all(len(kind.members) <= _WHOLE_MODEL_MAX_REPEATS for kind in kinds)
+    # Without a whole-model comparison, the probe only traces and counts: fake tensors do that
+    # without the arithmetic, and transformers skips its data-dependent checks on them (a model
+    # whose forward needs values runs as it is instead).
+    compute_free = not whole_model_check
+
+    def reference_run(compute_free: bool) -> ProbeRun | None:
+        with capture_inputs(kinds):
+            if probe is not None and conversion.norms:
+                return conversion.trace(probe, compute_free)
+            if probe is not None and any(others):
+                return run_probe(module, probe, compute_free=compute_free)
+        return None
+
+    try:
+        reference = _compute_free_or_real(reference_run, compute_free)
+    except Exception as error:
+        raise ProbeError(report.probe, error) from error
     if reference is not None and not any(t.numel() for t in reference.outputs):
         raise ValueError(
             f"ApproxBP: the probe ({report.probe}) produced no output elements (an empty batch?), so nothing "
             "could be traced or verified. Pass a batch with at least one sample; the model was not changed."
         )
+    block_checks = conversion.prepare_block_checks(kinds) if reference is not None and config.verify else []
     conversion.apply()
     if probe is None:
         if conversion.norms:
             report.notes.append(_NO_PROBE_NOTE)
     elif reference is not None:
         try:
-            converted = run_probe(module, probe)
+            converted = _compute_free_or_real(lambda free: run_probe(module, probe, compute_free=free), compute_free)
         except Exception as error:
             conversion.log.undo_all()
             raise RuntimeError(
@@ -405,7 +553,11 @@ def convert(
             ) from error
         report.bytes_before, report.bytes_after = reference.saved_bytes, converted.saved_bytes
         if config.verify:
-            conversion.verify(reference, converted)
+            conversion.verify_blocks(block_checks)
+            if whole_model_check:
+                conversion.verify(reference, converted)
+            else:
+                report.notes.append(_whole_model_note(has_values, kinds))
     if config.fused_loss:
         # Last, after verification: it changes the model's outputs (logits=None), so it checks its
         # loss on its own. Only a training-step probe can show whether the logits are read.

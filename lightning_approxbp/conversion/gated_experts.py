@@ -16,6 +16,7 @@ outputs are saved (not the product, nor what the activation keeps), with exact g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_approxbp.activations import get_activation
-from lightning_approxbp.conversion.gated_mlp import find_activation, reproduced, take_over
+from lightning_approxbp.conversion.gated_mlp import (
+    find_activation,
+    reproduced,
+    take_over,
+)
 from lightning_approxbp.ops.gated_mlp import gated_down_projection
 
 _PARAMETERS = {"gate_up_proj", "down_proj"}
@@ -64,9 +69,12 @@ def _run_experts(
     return output
 
 
-def detect_gated_experts(module: nn.Module) -> tuple[GatedExpertsSpec | None, str | None]:
+def detect_gated_experts(
+    module: nn.Module, values: Callable[[nn.Module], nn.Module] | None = None
+) -> tuple[GatedExpertsSpec | None, str | None]:
     """``(spec, None)`` for fusable gated experts; ``(None, reason)`` for experts that cannot be
-    fused; ``(None, None)`` for anything else."""
+    fused; ``(None, None)`` for anything else. ``values`` gives the module to probe (e.g. a
+    materialised twin of a module on the meta device); default: ``module`` itself."""
     parameters = dict(module.named_parameters(recurse=False))
     if not _PARAMETERS <= set(parameters):
         return None, None
@@ -85,7 +93,7 @@ def detect_gated_experts(module: nn.Module) -> tuple[GatedExpertsSpec | None, st
         return None, f"{name} not fused: weights of shapes {tuple(gate_up.shape)} and {tuple(down.shape)} are not the known layout"
     for gate_first in (True, False):
         spec = GatedExpertsSpec(activation[0], activation[1], gate_first)
-        if _reproduces(module, spec):
+        if _reproduces(values(module) if values else module, spec):
             return spec, None
     return None, f"{name} not fused: their output is not down(act(gate) * up) of the gate_up_proj halves"
 

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import permutations
 from typing import TypeVar
@@ -83,9 +84,12 @@ def _formula(spec: GatedMLPSpec, module: nn.Module, x: Tensor) -> Tensor:
     return down(get_activation(spec.activation).torch_forward(gate(x)) * up(x))
 
 
-def detect_gated_mlp(module: nn.Module) -> tuple[GatedMLPSpec | None, str | None]:
+def detect_gated_mlp(
+    module: nn.Module, values: Callable[[nn.Module], nn.Module] | None = None
+) -> tuple[GatedMLPSpec | None, str | None]:
     """``(spec, None)`` for a fusable gated MLP; ``(None, reason)`` for one that cannot be fused;
-    ``(None, None)`` for anything else."""
+    ``(None, None)`` for anything else. ``values`` gives the module to probe (e.g. a materialised
+    twin of a module on the meta device); default: ``module`` itself."""
     projections = _projections(module)
     if len(projections) != 3 or next(module.parameters(recurse=False), None) is not None:
         return None, None
@@ -98,7 +102,7 @@ def detect_gated_mlp(module: nn.Module) -> tuple[GatedMLPSpec | None, str | None
         if sizes[up] != (hidden, intermediate) or sizes[down] != (intermediate, hidden):
             continue
         spec = GatedMLPSpec(gate, up, down, activation[0], activation[1])
-        if not _reproduces(module, spec, hidden):
+        if not _reproduces(values(module) if values else module, spec, hidden):
             continue
         down_layer = projections[down]
         if type(down_layer) is not nn.Linear:

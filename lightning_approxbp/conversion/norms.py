@@ -19,11 +19,16 @@ Example::
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 
 from lightning_approxbp._warnings import warn_rank_zero
 from lightning_approxbp.conversion.config import DEFAULT_MIN_KEEP_WEIGHT
@@ -121,17 +126,21 @@ def _matches(module: nn.Module, spec: NormSpec) -> bool:
     return torch.allclose(ours.to(expected.dtype), expected, rtol=tol, atol=tol)
 
 
-def detect_norm(module: nn.Module) -> NormSpec | None:
-    """The :class:`NormSpec` that reproduces ``module``'s output, or ``None``."""
+def detect_norm(module: nn.Module, values: Callable[[nn.Module], nn.Module] | None = None) -> NormSpec | None:
+    """The :class:`NormSpec` that reproduces ``module``'s output, or ``None``.
+
+    ``values`` gives the module to run for the numeric check (e.g. a materialised twin of a
+    module on the meta device); default: ``module`` itself.
+    """
     known = _KNOWN_NORMS.get(type(module))
-    if known is not None:
-        spec = known(module)
-        return spec if spec is not None and _matches(module, spec) else None
-    for centered, offset in _CANDIDATE_FORMS:
-        spec = _structural_spec(module, centered, offset)
-        if spec is not None and _matches(module, spec):
-            return spec
-    return None
+    candidates = [known(module)] if known is not None else [
+        _structural_spec(module, centered, offset) for centered, offset in _CANDIDATE_FORMS
+    ]
+    candidates = [spec for spec in candidates if spec is not None]
+    if not candidates:
+        return None  # not shaped like a norm: no values needed to say so
+    probed = values(module) if values is not None else module
+    return next((spec for spec in candidates if _matches(probed, spec)), None)
 
 
 _OTHER_NORMALISATIONS: tuple[type[nn.Module], ...] = (
@@ -165,6 +174,25 @@ def gamma(module: nn.Module, offset: float) -> Tensor | None:
     return None if weight is None else weight.detach() + offset
 
 
+# The converted norms that keep their affine, re-checked after every optimizer step (see
+# ConvertedNorm._keeps_unsafe_affine). Weak: a norm that is garbage collected drops out.
+_KEPT_AFFINE_NORMS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_step_hook: RemovableHandle | None = None
+
+
+def _check_kept_affines(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for norm in list(_KEPT_AFFINE_NORMS):
+        norm._keeps_unsafe_affine()
+
+
+def _watch_kept_affine(norm: nn.Module) -> None:
+    """Re-check ``norm``'s weight after every optimizer step (one hook shared by all norms)."""
+    global _step_hook
+    _KEPT_AFFINE_NORMS.add(norm)
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_check_kept_affines)
+
+
 class ConvertedNorm:
     """Mixin: the strategy-dependent forward shared by both converted norm classes.
 
@@ -188,10 +216,18 @@ class ConvertedNorm:
 
         Checked when the weight changes (its version counter moves at every optimizer step):
         one scalar read per kept-affine norm per step; merged and plain norms never check.
+        Under ``torch.compile`` the forward reads the flag only (a scalar read there would break
+        the graph): the check runs eagerly after every optimizer step instead, through a step
+        hook, so the flag is current before the next forward reads it (a flag that turns on makes
+        the compiled forward recompile).
         """
         if self.strategy != "keep" or self.exact_fallback or self.weight is None:  # type: ignore[attr-defined]
             return self.exact_fallback
         weight: Tensor = self.weight  # type: ignore[attr-defined]
+        if torch.compiler.is_compiling() or weight.is_meta or torch._guards.detect_fake_mode() is not None:
+            return False  # no values to read now: checked at the first forward that has them
+        # Also covers copies (deepcopy, unpickling), which build_converted_norm never saw.
+        _watch_kept_affine(self)  # type: ignore[arg-type]
         version = (weight.data_ptr(), weight._version)
         if version != self._checked_weight:
             self._checked_weight = version
@@ -278,4 +314,6 @@ def build_converted_norm(
     if spec.centered:
         new.bias = original.bias if spec.has_bias else None
     new.train(original.training)
+    if strategy == "keep" and spec.has_weight:
+        _watch_kept_affine(new)
     return new

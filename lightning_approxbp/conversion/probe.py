@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
 from lightning_approxbp.conversion.consumers import NormUses, trace_norm_uses
@@ -98,22 +99,44 @@ def isolated(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(saved)
 
 
-def run_probe(module: nn.Module, probe: ProbeFn, trace_norms: dict[nn.Module, int | None] | None = None) -> ProbeRun:
+def run_probe(
+    module: nn.Module,
+    probe: ProbeFn,
+    trace_norms: dict[nn.Module, int | None] | None = None,
+    *,
+    compute_free: bool = False,
+) -> ProbeRun:
     """Run ``probe(module)`` isolated, counting saved bytes.
 
     With ``trace_norms`` (norm module -> its number of features, ``None`` when it normalises
     several axes), the run also records where each norm's output goes
-    (:attr:`ProbeRun.norm_uses`).
+    (:attr:`ProbeRun.norm_uses`). ``compute_free`` runs it on fake tensors (shapes, dtypes and
+    the autograd graph, no arithmetic): the same uses and saved bytes at a fraction of the cost,
+    but outputs without values.
     """
     uses = None
-    with isolated(module), torch.enable_grad(), SavedTensorCounter(exclude=module.parameters()) as counter:
-        if trace_norms is None:
-            output = probe(module)
-        else:
-            with trace_norm_uses(module, trace_norms) as tracer:
+    with isolated(module), torch.enable_grad(), _values_mode(module, compute_free) as fake_parameters:
+        with SavedTensorCounter(exclude=[*module.parameters(), *fake_parameters]) as counter:
+            if trace_norms is None:
                 output = probe(module)
-                uses = tracer.finish(output)
+            else:
+                with trace_norm_uses(module, trace_norms) as tracer:
+                    output = probe(module)
+                    uses = tracer.finish(output)
     return ProbeRun(output_tensors(output), counter.stats.activation_bytes, uses)
+
+
+@contextmanager
+def _values_mode(module: nn.Module, compute_free: bool) -> Iterator[list[Tensor]]:
+    """Fake tensors for a compute-free run; yields the fake versions of the parameters (what
+    autograd then saves in their place)."""
+    if not compute_free:
+        yield []
+        return
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(p) for p in module.parameters()]
+    with mode:
+        yield fakes
 
 
 def default_tolerance(dtype: torch.dtype) -> float:

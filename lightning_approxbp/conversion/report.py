@@ -6,11 +6,14 @@ Example::
     >>> report.add("mlp.act", "GELU", "converted", "step gelu 2-bit fitted")
     >>> report.reduction
     0.4
+    >>> report.add("mlp.norm", "LayerNorm", "skipped", reason="output also used by mul in mlp.gate")
     >>> print(report)
     ApproxBP conversion (probe: example_input)
-    module   kind  action     strategy                reason
-    -------  ----  ---------  ----------------------  ------
-    mlp.act  GELU  converted  step gelu 2-bit fitted
+    action     module (kind): strategy; reason on the lines below
+    converted  mlp.act (GELU): step gelu 2-bit fitted
+    skipped    mlp.norm (LayerNorm)
+               output also used by mul in mlp.gate
+    1 converted, 1 skipped
     saved for backward on the probe batch: 1,000 B -> 600 B (-40.0%)
 """
 
@@ -21,11 +24,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 ACTIONS: tuple[str, ...] = ("converted", "skipped", "unchanged")
-_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("fqn", "module"), ("kind", "kind"), ("action", "action"), ("strategy", "strategy"), ("reason", "reason")
-)
-# Long reasons wrap onto continuation lines (never cut): the whole reason is the point.
-_REASON_WIDTH = 90
+# The printed report fits a terminal this wide; long names and reasons wrap (never cut: the
+# whole reason is the point).
+WIDTH = 100
+_ACTION_WIDTH = max(len(action) for action in ACTIONS)
 
 
 @dataclass
@@ -104,18 +106,21 @@ class ConversionReport:
         }
 
     def __str__(self) -> str:
-        table = [[h for _, h in _COLUMNS]]
+        return self.format()
+
+    def format(self, width: int = WIDTH) -> str:
+        """The report as text, no line longer than ``width`` (unless one word is): per module,
+        ``action  module (kind): strategy``, and its reason on the lines below."""
+        indent = " " * (_ACTION_WIDTH + 2)
+        lines = [f"ApproxBP conversion (probe: {self.probe})",
+                 f"{'action':<{_ACTION_WIDTH}}  module (kind): strategy; reason on the lines below"]
         for row in self.rows:
-            cells = [str(getattr(row, key)) for key, _ in _COLUMNS]
-            reason_lines = textwrap.wrap(cells[-1], _REASON_WIDTH, break_long_words=False) or [""]
-            table.append([*cells[:-1], reason_lines[0]])
-            table.extend([*([""] * (len(cells) - 1)), line] for line in reason_lines[1:])
-        widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
-        lines = [f"ApproxBP conversion (probe: {self.probe})"]
-        for index, line in enumerate(table):
-            lines.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
-            if index == 0:
-                lines.append("  ".join("-" * width for width in widths))
+            head = f"{row.action:<{_ACTION_WIDTH}}  {row.fqn} ({row.kind})" + (f": {row.strategy}" if row.strategy else "")
+            lines.extend(textwrap.wrap(head, width, subsequent_indent=indent, break_long_words=False,
+                                       break_on_hyphens=False))
+            if row.reason:
+                lines.extend(textwrap.wrap(row.reason, width, initial_indent=indent, subsequent_indent=indent,
+                                           break_long_words=False, break_on_hyphens=False))
         counts = {a: sum(r.action == a for r in self.rows) for a in ACTIONS}
         if len(self.rows) > 1:
             lines.append(", ".join(f"{n} {a}" for a, n in counts.items() if n))
@@ -126,5 +131,6 @@ class ConversionReport:
             )
         if self.max_error is not None:
             lines.append(f"verified: max relative output difference {self.max_error:.2e}")
-        lines.extend(f"note: {note}" for note in self.notes)
+        for note in self.notes:
+            lines.extend(textwrap.wrap(f"note: {note}", width, subsequent_indent="  ", break_long_words=False))
         return "\n".join(lines)

@@ -6,6 +6,7 @@ A leaf module: it imports nothing from the package, so kernels and op files can 
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 
 import torch
@@ -26,6 +27,24 @@ def dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Everything is computed in fp32, except fp64 inputs, which stay fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Device types torch.autocast knows; asking about another (e.g. "meta") raises.
+_AUTOCAST_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "ipu", "privateuseone"})
+
+
+def autocast_dtype(tensor: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in for ``tensor``'s device, or ``None`` when autocast is off there."""
+    device_type = tensor.device.type
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(tensor: Tensor) -> AbstractContextManager[object]:
+    """Autocast switched off for ``tensor``'s device (nothing to switch off on e.g. "meta")."""
+    device_type = tensor.device.type
+    return torch.autocast(device_type, enabled=False) if device_type in _AUTOCAST_DEVICE_TYPES else nullcontext()
 
 
 def packed_size(numel: int, bits: int) -> int:

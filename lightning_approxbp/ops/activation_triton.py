@@ -26,7 +26,8 @@ def sigmoid(z):
 
 @triton.jit
 def activation(x, ACTIVATION: tl.constexpr):
-    """The exact forward of a registry activation, in the precision of ``x``."""
+    """The exact forward of a registry activation, in the precision of ``x``, with the
+    registry's limits at infinity."""
     if ACTIVATION == 0:
         y = 0.5 * x * (1.0 + tl.erf(x * _SQRT_HALF))
     elif ACTIVATION == 1:
@@ -38,6 +39,8 @@ def activation(x, ACTIVATION: tl.constexpr):
         y = x * sigmoid(x * _QUICK_GELU_ALPHA)
     else:
         tl.static_assert(False, "an activation of the registry has no branch in the Triton kernels")
+    # The registry's values at infinity (+inf -> +inf, -inf -> 0), where x * cdf(x) gives NaN.
+    y = tl.where(x == float("inf"), x, tl.where(x == -float("inf"), 0.0, y))
     return y
 
 

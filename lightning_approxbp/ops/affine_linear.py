@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_approxbp.ops._utils import compute_dtype, guard_double_backward
+from lightning_approxbp.ops._utils import autocast_dtype, autocast_off, compute_dtype, guard_double_backward
 
 OP_NAME = "affine_linear"
 
@@ -68,7 +68,7 @@ class AffineLinearFunction(torch.autograd.Function):
         share_input: bool,
     ) -> Tensor:
         x_c = x.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             out = _matmul(_affine(x_c, gamma, beta, offset), weight, bias, transposed)
         # Only an input in the autograd graph was saved by the norm that made it: sharing a
         # no-grad input (a frozen embedding's norm) would keep the wider tensor for nothing.
@@ -141,6 +141,5 @@ def affine_linear(
         >>> torch.allclose(affine_linear(x, g, b, w, c), torch.nn.functional.linear(x * g + b, w, c), atol=1e-6)
         True
     """
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    dtype = autocast_dtype(x) or x.dtype
     return AffineLinearFunction.apply(x, gamma, beta, weight, bias, offset, transposed, dtype, share_input)

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from lightning_approxbp.activations import get_activation
 from lightning_approxbp.ops._utils import (
+    autocast_dtype,
+    autocast_off,
     check_floating,
     compute_dtype,
     guard_double_backward,
@@ -94,7 +96,7 @@ class GatedDownProjection(torch.autograd.Function):
         g_c, u_c = g.to(dtype), u.to(dtype)
         h = gated_product_forward(g_c, u_c, activation)
         rows = h.reshape(-1, h.shape[-1])
-        with torch.autocast(g.device.type, enabled=False):
+        with autocast_off(g):
             w = weight.to(dtype).t()
             out = rows @ w if bias is None else torch.addmm(bias.to(dtype), rows, w)
         ctx.save_for_backward(g_c, u_c, weight, bias)
@@ -151,6 +153,5 @@ def gated_down_projection(
             f"{OP_NAME}: weight must be (out, {g.shape[-1]}) to take the product of shape {tuple(g.shape)}, "
             f"got {tuple(weight.shape)}."
         )
-    device_type = g.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else g.dtype
+    dtype = autocast_dtype(g) or g.dtype
     return GatedDownProjection.apply(g, u, weight, bias, activation, dtype)

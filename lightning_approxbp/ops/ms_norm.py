@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lightning_approxbp.ops._utils import (
+    autocast_dtype,
     check_floating,
     compute_dtype,
     guard_double_backward,
@@ -217,10 +218,7 @@ def resolve_output_dtype(x: Tensor, output_dtype: torch.dtype | None) -> torch.d
     """
     if output_dtype is not None:
         return output_dtype
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    return autocast_dtype(x) or x.dtype
 
 
 def ms_norm(

@@ -8,10 +8,22 @@ No library code depends on this module. The activations' own formulas and deriva
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+
+def activation_forward(x: Tensor, formula: Callable[[Tensor], Tensor]) -> Tensor:
+    """An activation in fp64 from its elementary ``formula``, with the documented values at
+    infinity: ``+inf`` at ``+inf``, ``0`` at ``-inf`` (where ``x * cdf(x)`` is ``-inf * 0``).
+
+    Elementwise selects only, so the result does not depend on the CPU's vector unit.
+    """
+    wide = x.double()
+    y = formula(wide)
+    y = torch.where(wide == float("inf"), wide, y)
+    return torch.where(wide == -float("inf"), torch.zeros_like(y), y)
 
 
 def step_codes(x: Tensor, thresholds: Sequence[float]) -> Tensor:

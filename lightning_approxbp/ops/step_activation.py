@@ -8,9 +8,10 @@ Saved for backward: the packed codes, ``ceil(numel * bits / 8)`` bytes, and one 
 non-finite inputs (4 bytes). The input and the output are not kept (the table lives on the
 autograd context as Python numbers).
 
-Non-finite inputs: exact backprop gives a NaN gradient at a NaN or infinite input, which then
-spreads through the previous layer's weight gradient, so divergence shows and fp16 loss
-scaling skips the step. The codes cannot say which elements were non-finite, so when the count
+Non-finite inputs: the forward takes the registry's values (``+inf`` at ``+inf``, ``0`` at
+``-inf``, NaN at NaN; see :mod:`lightning_approxbp.activations`). Exact backprop gives a NaN
+gradient at a NaN or infinite input, which then spreads through the previous layer's weight
+gradient, so divergence shows and fp16 loss scaling skips the step. The codes cannot say which elements were non-finite, so when the count
 is not zero the whole input gradient of this call is NaN: the same end state for the weights,
 without a host synchronisation or extra memory.
 """
@@ -41,7 +42,8 @@ _TRITON_KERNELS = "lightning_approxbp.ops.step_activation_triton"
 
 
 def exact_activation(x: Tensor, activation: str) -> Tensor:
-    """The unmodified forward, as torch computes it (fp32 internally for 16-bit inputs)."""
+    """The unmodified forward, as torch computes it (fp32 internally for 16-bit inputs), with the
+    registry's values at infinity."""
     return get_activation(activation).torch_forward(x)
 
 

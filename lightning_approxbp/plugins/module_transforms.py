@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from lightning_approxbp.conversion.merged import MERGED_TYPES
 from lightning_approxbp.nn import MSLayerNorm, MSRMSNorm
+from lightning_approxbp.ops._utils import autocast_dtype
 from lightning_approxbp.ops.affine_linear import affine_linear
 
 # Modules whose forward rounds the weight to the autocast dtype at every call: one autocast-listed
@@ -88,11 +89,10 @@ def recast_trainable_weights(module: nn.Module) -> list[nn.Linear]:
 
 
 def _linear_recasting_in_backward(self: nn.Linear, x: Tensor) -> Tensor:
-    device_type = x.device.type
     weight = self.weight
     # A DTensor weight here is tensor-parallel (FSDP2 gathers plain tensors before forward): its
     # sharded matmul belongs to DTensor's own linear.
-    if not (torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and weight.requires_grad) or isinstance(
+    if not (autocast_dtype(x) is not None and torch.is_grad_enabled() and weight.requires_grad) or isinstance(
         weight, DTensor
     ):
         return F.linear(x, weight, self.bias)

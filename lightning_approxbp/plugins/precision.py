@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 from weakref import WeakKeyDictionary, WeakSet, ref
 
 import torch
 from lightning.fabric.connector import (
-    _PRECISION_INPUT,
     _convert_precision_to_unified_args,
 )
 from lightning.pytorch import LightningModule, Trainer
@@ -36,6 +35,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
+from lightning_approxbp.errors import OptionError
 from lightning_approxbp.plugins.module_transforms import (
     follow_input_dtype,
     recast_trainable_weights,
@@ -44,8 +44,10 @@ from lightning_approxbp.plugins.module_transforms import (
 
 PRECISIONS: tuple[str, ...] = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 AUTO = "auto"
-# LightningCLI (jsonargparse) validates YAML values against this annotation.
-_PRECISION_OR_AUTO = _PRECISION_INPUT | Literal["auto"]
+# Checked by `_canonical_precision`, not by the annotation: against a Literal, LightningCLI
+# (jsonargparse) answers a typo with some fifty lines of nested union errors.
+_PRECISION_OR_AUTO = str | int
+_ALIASES: tuple[str, ...] = ("16", "32", "64", "bf16")
 
 _DTYPES = {"16": torch.float16, "bf16": torch.bfloat16, "32": torch.float32, "64": torch.float64}
 # What FSDPStrategy (FSDP1) runs: Lightning's FSDPPrecision takes every precision but "64-true".
@@ -456,7 +458,7 @@ _FAMILIES: dict[str, type[ApproxBPPrecision]] = {
 }
 
 
-def _canonical_precision(precision: _PRECISION_INPUT) -> str:
+def _canonical_precision(precision: _PRECISION_OR_AUTO) -> str:
     """Lightning's canonical string for ``precision``, with Lightning's own alias conversion (and its warnings)."""
     try:
         canonical: str | None = _convert_precision_to_unified_args(precision)
@@ -469,9 +471,9 @@ def _canonical_precision(precision: _PRECISION_INPUT) -> str:
             "the ApproxBP callback saves activation memory without it."
         )
     if canonical not in _FAMILIES:
-        raise ValueError(
-            f"ApproxBPPrecision(precision={precision!r}) is not supported. Choose one of: {', '.join(PRECISIONS)} "
-            "(Lightning's aliases 16, 32, 64, '16', '32', '64' and 'bf16' work too), or 'auto' to pick by hardware."
+        raise OptionError(
+            "precision", precision, (*PRECISIONS, AUTO), spellings=_ALIASES,
+            extra="(Lightning's aliases 16, 32, 64, '16', '32', '64' and 'bf16' work too; 'auto' picks by hardware)",
         )
     return canonical
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_approxbp import ApproxBP, convert
 from lightning_approxbp.conversion.gated_mlp import FusedGatedMLP
 from lightning_approxbp.conversion.norms import ConvertedRMSNorm
+from tests.distributed import run_script
+from tests.tolerances import SAME_TRAINING_FP32
 
 transformers = pytest.importorskip("transformers")
 
@@ -378,7 +377,7 @@ def test_checkpoint_loads_strictly_into_the_unconverted_module_and_resume_contin
     _trainer([ApproxBP()], max_epochs=2, **epoch).fit(straight)
     assert _converted(resumed)
     for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(a, b, **SAME_TRAINING_FP32, msg=name)
 
 
 _DDP_SCRIPT = """
@@ -386,6 +385,7 @@ import json, os, sys
 import torch
 sys.path.insert(0, {root!r})
 from tests.callbacks.test_approxbp import LitLM, _trainer
+from tests.distributed import end_distributed_run
 from lightning_approxbp import ApproxBP, convert
 
 callback = ApproxBP()
@@ -396,6 +396,7 @@ checksum = sum(p.detach().double().sum().item() for p in model.parameters())
 out = {{"rank": trainer.global_rank, "checksum": checksum, "converted": len(callback.report.converted)}}
 with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
     json.dump(out, f)
+end_distributed_run()
 """
 
 
@@ -403,9 +404,7 @@ def test_ddp_two_processes_stay_in_sync(tmp_path: Path) -> None:
     root = str(Path(__file__).resolve().parents[2])
     script = tmp_path / "ddp_fit.py"
     script.write_text(textwrap.dedent(_DDP_SCRIPT.format(root=root, out=str(tmp_path))))
-    env = {**os.environ, "PYTHONPATH": root}
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, timeout=240)
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    run_script(script)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["converted"] == ranks[1]["converted"] > 0
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-7)

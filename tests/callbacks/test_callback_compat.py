@@ -23,6 +23,7 @@ from lightning_approxbp import ApproxBP
 from lightning_approxbp.plugins import ApproxBPPrecision
 from tests.callbacks.test_approxbp import LitLM, _converted, _ids, _llama, _trainer
 from tests.lightning.test_precision import _RecordBackbone
+from tests.tolerances import ROUNDING
 
 PROBE = "training_step on 2 of 4 samples of the first train batch"
 
@@ -79,7 +80,7 @@ def test_accumulation_and_clipping_train_as_without_approxbp(option: dict[str, A
     converted = _fit([exact], **option)
     assert _converted(converted) and exact.report.converted
     for (name, actual), expected in zip(converted.state_dict().items(), reference.state_dict().values(), strict=True):
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(actual, expected, **ROUNDING[torch.float32], msg=name)
     # the option must shape this training for the comparison to cover it
     plain = _fit([])
     assert any(not torch.equal(a, b) for a, b in zip(reference.parameters(), plain.parameters(), strict=True))
@@ -118,7 +119,7 @@ def test_stochastic_weight_averaging() -> None:
     converted = _fit([exact, _swa()], **epochs)
     assert _converted(converted)
     for (name, actual), expected in zip(converted.state_dict().items(), reference.state_dict().values(), strict=True):
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(actual, expected, **ROUNDING[torch.float32], msg=name)
     plain = _fit([], **epochs)
     assert any(not torch.equal(a, b) for a, b in zip(reference.parameters(), plain.parameters(), strict=True))
 

@@ -7,6 +7,7 @@ import torch
 
 from lightning_approxbp.ops.affine_linear import affine_linear
 from lightning_approxbp.saved_tensors import SavedTensorCounter
+from tests.tolerances import ROUNDING
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
@@ -46,7 +47,7 @@ def test_autocast_runs_in_the_autocast_dtype_and_shares_a_bf16_input() -> None:
     out.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32 and gamma.grad.dtype == torch.float32
     expected = torch.nn.functional.linear(x.float() * gamma, layer.weight, layer.bias)
-    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), expected, **ROUNDING[torch.bfloat16])
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_approxbp import convert
+from lightning_approxbp import ProbeError, convert
 from lightning_approxbp.conversion import engine
 from lightning_approxbp.conversion.probe import output_tensors
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 from tests.conversion.models import CASES, Case, PreLNBlock
+from tests.tolerances import IDENTICAL, ROUNDING
 
 
 def _grads(model: nn.Module) -> Tensor:
@@ -62,7 +63,7 @@ def test_converted_models_pickle_and_deepcopy_with_the_same_outputs(case: Case) 
     for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         torch.manual_seed(0)
         for ours, theirs in zip(output_tensors(case.call(copied)), expected, strict=True):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+            torch.testing.assert_close(ours, theirs, **IDENTICAL)
         assert str(copied) == str(model)
 
 
@@ -80,7 +81,7 @@ def test_norm_conversion_alone_is_exact_including_one_optimizer_step(name: str) 
         torch.optim.SGD(m.parameters(), lr=0.5).step()
     for (name_a, a), (name_b, b) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         assert name_a == name_b
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **ROUNDING[torch.float32])
 
 
 def test_strategies_per_architecture() -> None:
@@ -276,7 +277,7 @@ def test_bf16_model_and_gradient_checkpointing() -> None:
     without_checkpointing.gradient_checkpointing_disable()
     for m in (model, without_checkpointing):
         case.forward_loss(m).backward()
-    torch.testing.assert_close(_grads(model), _grads(without_checkpointing), rtol=0, atol=0)
+    torch.testing.assert_close(_grads(model), _grads(without_checkpointing), **IDENTICAL)
 
 
 class _Checkpointed(nn.Module):
@@ -298,7 +299,7 @@ def test_torch_checkpoint(use_reentrant: bool) -> None:
     unwrapped = copy.deepcopy(model.block)  # the same converted block, called without checkpoint
     model(x).pow(2).mean().backward()
     unwrapped(x).pow(2).mean().backward()
-    torch.testing.assert_close(_grads(model), _grads(unwrapped), rtol=0, atol=0)
+    torch.testing.assert_close(_grads(model), _grads(unwrapped), **IDENTICAL)
 
 
 @pytest.mark.parametrize(
@@ -349,7 +350,14 @@ def test_the_printed_report_keeps_every_word_of_a_long_reason() -> None:
     text = str(report)
     assert "..." not in text
     assert " ".join(text.split()).count(reason) == 1
-    assert max(len(line) for line in text.splitlines()) < 200
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_the_report_of_a_real_model_fits_a_100_column_terminal() -> None:
+    case = CASES["bert"]
+    text = str(convert(case.build().train(), case.batch))
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    assert "converted" in text and "saved for backward" in text
 
 
 def test_a_kept_affine_whose_weight_becomes_unsafe_falls_back_to_exact_saving() -> None:
@@ -412,3 +420,37 @@ def test_convert_under_autocast_still_recognises_norms() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = convert(case.build(), case.batch)
     assert report.row("bert.encoder.layer.0.output.LayerNorm").action == "converted"
+
+
+def test_a_probe_batch_the_model_rejects_says_so_and_leaves_the_model_unchanged() -> None:
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ProbeError, match=r"probe batch \(example_input\) did not run through the model") as info:
+        convert(model, torch.randn(4, 15))
+    assert "normalized_shape" in str(info.value) and "Pass one batch the way the model's forward takes it" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert [type(m) for m in model.modules()] == before
+    assert len(str(info.value).splitlines()) <= 10
+
+
+def test_every_layer_that_reads_a_norm_output_has_a_row() -> None:
+    """BERT's first q/k/v read the embeddings' norm output through dropout: left alone, and said why."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=100)  # with BERT's dropout
+    batch = {"input_ids": torch.randint(0, 100, (2, 8))}
+    report = convert(transformers.BertModel(config).train(), batch)
+    first = [row for row in report.rows if ".layer.0.attention.self." in row.fqn and row.kind == "Linear"]
+    assert [row.fqn.rsplit(".", 1)[1] for row in first] == ["query", "key", "value"]
+    assert all(row.action == "skipped" and "through" in row.reason and "dropout" in row.reason for row in first)
+    second = [row for row in report.rows if ".layer.1.attention.self." in row.fqn and row.kind == "Linear"]
+    assert len(second) == 3 and all(row.action == "converted" for row in second)
+
+
+def test_the_layers_reading_a_skipped_norm_say_so() -> None:
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+    with torch.no_grad():
+        model[0].weight[0] = 0.0  # unsafe to keep; merge forced off below
+    report = convert(model, torch.randn(3, 8), affine="keep", activations=False)
+    assert report.row("0").action == "skipped"
+    assert report.row("1").action == "skipped" and "which was skipped" in report.row("1").reason

@@ -59,6 +59,8 @@ def test_experts_fused_with_exact_gradients_and_fewer_saved_bytes(name: str) -> 
     assert list(model.state_dict()) == list(reference.state_dict())
     bytes_fused, loss_fused, grads_fused = _step(model)
     bytes_reference, loss_reference, grads_reference = _step(reference)
+    # One scalar loss, far from zero: a relative bound alone, of 8 fp32 units (tighter than
+    # ROUNDING's): the two runs differ only in how the experts' matmuls are grouped.
     torch.testing.assert_close(loss_fused, loss_reference, rtol=1e-6, atol=0)
     assert ((grads_fused - grads_reference).abs().max() / grads_reference.abs().max()).item() < 1e-5
     assert bytes_fused < bytes_reference

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_approxbp.conversion.norms import build_converted_norm, detect_norm
+from tests.tolerances import ROUNDING
 
 modeling = pytest.importorskip("transformers.models")
 
@@ -80,7 +81,7 @@ def test_torch_rmsnorm_with_default_eps_converts_in_a_model_and_follows_the_inpu
     assert report.row("1").action == "converted" and "merge" in report.row("1").strategy
     torch.testing.assert_close(model(x), original(x))
     # eps=None is resolved per call from the input dtype, as torch does: fp64 uses fp64's epsilon.
-    torch.testing.assert_close(model.double()(x.double()), original.double()(x.double()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.double()(x.double()), original.double()(x.double()), **ROUNDING[torch.float64])
 
 
 @pytest.mark.parametrize(

@@ -152,3 +152,44 @@ def test_only_the_recipes_a_config_names_are_imported() -> None:
         "lightning_approxbp.recipes.text_classification"
     ]
     assert cli.recipe_modules_named_in(["fit", "--model", "BoringModel"]) == []
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("ApproxBP", "bits", 3, ["bits=3 is not accepted", "1, 2, 4"]),
+        ("ApproxBP", "table", "nonsense", ["table='nonsense' is not accepted", "'fitted', 'paper'"]),
+        ("ApproxBP", "affine", "wrong", ["affine='wrong' is not accepted", "'auto', 'merge', 'keep'"]),
+        ("ApproxBP", "table", "fited", ["Did you mean 'fitted'?"]),
+        ("ApproxBPPrecision", "precision", "bf17", ["precision='bf17' is not accepted", "'bf16-mixed'",
+                                                    "Did you mean 'bf16'?"]),
+        ("ApproxBP", "bitz", 2, ["ApproxBP has no option 'bitz' (in trainer.callbacks)", "Did you mean 'bits'?"]),
+    ],
+)
+def test_a_bad_value_or_key_gets_one_short_message_without_a_traceback(
+    section: str, key: str, value: object, expected: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(cli.DEBUG_ENV_VAR, raising=False)
+    config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+    config["trainer"]["callbacks"].append({"class_path": "ApproxBP", "init_args": {}})
+    entries = config["trainer"]["callbacks"] + config["trainer"]["plugins"]
+    next(e for e in entries if e["class_path"] == section)["init_args"][key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 10, err
+
+
+def test_debug_shows_the_traceback(tiny_config: Path) -> None:
+    config = yaml.safe_load(tiny_config.read_text())
+    config["trainer"]["callbacks"].append({"class_path": "ApproxBP", "init_args": {"bits": 3}})
+    tiny_config.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="bits=3 is not accepted"):
+        cli.main(["fit", "--config", str(tiny_config), "--debug"])

@@ -4,8 +4,6 @@ CPU processes over gloo: the same training as under DDP."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_approxbp import ApproxBP, convert
 from lightning_approxbp.conversion.merged import AffineMergedLinear
 from lightning_approxbp.plugins import ApproxBPPrecision
+from tests.distributed import end_distributed_run, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH = 16
@@ -96,15 +95,14 @@ def fit(strategy: str, out: str) -> None:
     torch.save(result, os.path.join(out, f"{strategy}_rank{trainer.global_rank}.pt"))
     if trainer.global_rank == 0:
         torch.save({n: p.detach().clone() for n, p in params.items()}, os.path.join(out, f"{strategy}_params.pt"))
+    end_distributed_run()
 
 
 def _run(strategy: str, out: Path) -> None:
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.lightning.test_fsdp2 import fit; fit({strategy!r}, {str(out)!r})"
     script = out / f"{strategy}.py"  # Lightning's launcher starts rank 1 by running this file again
     script.write_text(code)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script)], cwd=out, env=env, capture_output=True, timeout=240, check=False)
-    assert result.returncode == 0, result.stderr.decode()[-4000:]
+    run_script(script)
 
 
 def test_fsdp2_trains_as_ddp_on_two_cpu_processes(tmp_path: Path) -> None:

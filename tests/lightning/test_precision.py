@@ -35,6 +35,7 @@ from lightning_approxbp.plugins import (
     store_frozen_weights,
 )
 from lightning_approxbp.saved_tensors import SavedTensorCounter
+from tests.tolerances import SAME_TRAINING_FP32
 
 HALF = {"bf16": torch.bfloat16, "16": torch.float16}
 LIGHTNING_FAMILIES = (MixedPrecision, HalfPrecision, DoublePrecision)
@@ -86,7 +87,7 @@ def test_auto_in_a_lightning_cli_config(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_rejects_unknown_precision() -> None:
-    with pytest.raises(ValueError, match="Choose one of: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true"):
+    with pytest.raises(ValueError, match="use one of '32-true', '16-mixed', 'bf16-mixed', '16-true', 'bf16-true'"):
         ApproxBPPrecision("8-mixed")
 
 
@@ -543,7 +544,7 @@ def test_a_backbone_unfrozen_during_fit_trains_as_under_lightnings_mixed_precisi
             param.copy_(param.bfloat16().float())
     _finetune(rounded, MixedPrecision("bf16-mixed", "cpu"))
     for (name, actual), expected in zip(approxbp.named_parameters(), rounded.parameters(), strict=True):
-        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(actual, expected, **SAME_TRAINING_FP32, msg=name)
 
     # From the original fp32 weights, the backbone starts the unfrozen epochs up to half a bf16
     # unit (2**-9 relative, here at most 4.9e-4) away. Two epochs of AdamW keep the gap at that

@@ -12,6 +12,7 @@ import torch
 
 from lightning_approxbp import functional as AF
 from lightning_approxbp.ops import use_backend
+from tests.tolerances import IDENTICAL
 
 from .helpers import TRITON_DEVICE, requires_triton
 
@@ -51,9 +52,9 @@ def test_compiled_graph_matches_eager_without_graph_breaks(backend):
         assert set(launched) == {
             "_ms_norm_fwd_kernel", "_step_activation_fwd_kernel", "_step_activation_bwd_kernel", "_ms_norm_bwd_kernel"
         }
-    torch.testing.assert_close(compiled_out, eager_out, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_out, eager_out, **IDENTICAL)
     for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **IDENTICAL)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning_approxbp.nn import RegeneratedDropout
 from lightning_approxbp.ops.dropout import regenerated_dropout
 from lightning_approxbp.saved_tensors import SavedTensorCounter
+from tests.tolerances import IDENTICAL
 
 
 def _run(fn, x, grad, seed=0):
@@ -31,14 +32,14 @@ def test_masks_gradients_and_rng_stream_are_those_of_torch(dtype, p, shape):
     ours = _run(lambda t: regenerated_dropout(t, p), x, grad)
     stock = _run(lambda t: F.dropout(t, p), x, grad)
     for a, b in zip(ours, stock):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **IDENTICAL)
 
 
 def test_non_contiguous_input():
     x, grad = torch.randn(6, 9).t(), torch.randn(9, 6)
     ours, stock = _run(lambda t: regenerated_dropout(t, 0.3), x, grad), _run(lambda t: F.dropout(t, 0.3), x, grad)
     for a, b in zip(ours, stock):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **IDENTICAL)
 
 
 def test_saves_nothing_of_the_input_size():
@@ -68,7 +69,7 @@ def test_module_is_a_dropout_and_matches_it():
     assert isinstance(ours, torch.nn.Dropout) and "mask redrawn" in repr(ours)
     x, grad = torch.randn(4, 8), torch.randn(4, 8)
     for a, b in zip(_run(ours, x, grad), _run(stock, x, grad)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **IDENTICAL)
 
 
 def test_double_backward_is_refused_clearly():
@@ -96,4 +97,4 @@ def test_converted_bert_with_dropout_trains_bit_identically():
         torch.manual_seed(3)
         m(**batch).loss.backward()
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+        torch.testing.assert_close(a.grad, b.grad, **IDENTICAL)

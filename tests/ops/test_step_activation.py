@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from lightning_approxbp import functional as AF
-from lightning_approxbp.activations import ACTIVATIONS
+from lightning_approxbp.activations import ACTIVATIONS, get_activation
 from lightning_approxbp.nn import ReGELU2, ReSiLU2, StepActivation
 from lightning_approxbp.ops import packed_size, use_backend
+from lightning_approxbp.ops import reference
+from lightning_approxbp.ops.gated_mlp import gated_product_forward
 from lightning_approxbp.ops.reference import step_activation_backward
 from lightning_approxbp.ops.step_activation import pack_codes, unpack_codes
 from lightning_approxbp.tables import SUPPORTED_BITS, get_table
@@ -104,9 +106,35 @@ def test_integer_input_is_rejected_with_accepted_dtypes():
         AF.step_activation(torch.arange(4))
 
 
+NON_FINITE = [float("nan"), float("inf"), -float("inf")]
+BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_inputs_give_the_documented_values_on_every_backend(activation, dtype, backend):
+    """+inf -> +inf, -inf -> 0, NaN -> NaN, whatever torch's kernels do on this CPU.
+
+    3000 elements, so that torch's vectorised CPU kernels (not their scalar tails) see them.
+    """
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x = torch.randn(3000).mul(3)
+    x[[5, 1234, 2999]] = torch.tensor(NON_FINITE)
+    x = x.to(device, dtype).requires_grad_()
+    with use_backend(backend):
+        y = AF.step_activation(x, activation)
+        with torch.no_grad():
+            y_no_grad = AF.step_activation(x, activation)
+    expected = reference.activation_forward(x.detach().cpu(), get_activation(activation).formula)
+    for out in (y, y_no_grad):  # no grad: the exact op, on the PyTorch path
+        assert out[5].isnan() and out[1234].item() == float("inf") and out[2999].item() == 0.0
+        torch.testing.assert_close(out.cpu(), expected.to(dtype), equal_nan=True)
+
+
 @pytest.mark.parametrize("kind", ["paper", "fitted"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("bad", NON_FINITE)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_non_finite_input_makes_the_gradient_non_finite_like_exact_backprop(kind, bad, backend):
     table = get_table("gelu", 2, kind=kind)
     device = TRITON_DEVICE if backend == "triton" else "cpu"
@@ -116,10 +144,23 @@ def test_a_non_finite_input_makes_the_gradient_non_finite_like_exact_backprop(ki
     with use_backend(backend):
         y = AF.step_activation(x, table=table)
         y.backward(torch.ones_like(y))
-    torch.testing.assert_close(y, F.gelu(x.detach()), equal_nan=True)
     exact = torch.autograd.grad(F.gelu(x), x, torch.ones_like(x))[0]
     assert exact[1234].isnan()  # what a loss scaler and a divergence check look for
     assert x.grad.isnan().all()  # the codes cannot say which element it was: all of them
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_fused_gated_product_takes_the_same_values_at_infinity(activation, backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    g = torch.randn(4, 1000)
+    g[0, 7], g[1, 8], g[2, 9] = NON_FINITE
+    u = torch.ones(4, 1000)
+    with use_backend(backend):
+        h = gated_product_forward(g.to(device), u.to(device), activation).cpu()
+    expected = reference.activation_forward(g, get_activation(activation).formula).float()
+    torch.testing.assert_close(h, expected, equal_nan=True)
+    assert h[0, 7].isnan() and h[1, 8].item() == float("inf") and h[2, 9].item() == 0.0
 
 
 def test_finite_inputs_keep_finite_gradients_after_a_non_finite_call():
