@@ -1,4 +1,4 @@
-"""Functional API: Approx-BP activations and memory-sharing norms.
+"""Functional API: Approx-BP activations, memory-sharing norms and the fused linear + cross-entropy.
 
 Example::
 
@@ -19,11 +19,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_approxbp.ops.linear_cross_entropy import linear_cross_entropy
 from lightning_approxbp.ops.ms_norm import DEFAULT_WEIGHT_CLAMP, ms_norm
 from lightning_approxbp.ops.step_activation import step_activation as _step_activation
 from lightning_approxbp.tables import StepTable, get_table
 
-__all__ = ["ms_layer_norm", "ms_rms_norm", "regelu2", "resilu2", "resolve_table", "step_activation"]
+__all__ = [
+    "linear_cross_entropy",
+    "ms_layer_norm",
+    "ms_rms_norm",
+    "regelu2",
+    "resilu2",
+    "resolve_table",
+    "step_activation",
+]
 
 
 def resolve_table(activation: str, bits: int, table: StepTable | str) -> StepTable:

@@ -38,6 +38,11 @@ class ConversionConfig:
             layer), ``"keep"`` keeps them in the norm and recovers the normalised value from the
             output in backward (any consumer; needs ``|weight| >= min_keep_weight``),
             ``"auto"`` tries merge, then keep, then skips the norm.
+        fused_loss: compute a transformers causal LM's training loss (``labels=...``) with the fused
+            linear + cross-entropy, so that no ``tokens x vocab`` logits are built (``outputs.logits``
+            is then ``None`` in training; see :mod:`~lightning_approxbp.conversion.fused_loss`).
+            ``"auto"``: only where the probe shows the loss is used and the logits are not; ``True``:
+            always; ``False``: never.
         verify: compare the converted model's output with the original's on the probe batch
             and undo the conversion if they differ.
         min_keep_weight: smallest ``|weight|`` (after any offset) for which ``"keep"`` is used.
@@ -55,16 +60,19 @@ class ConversionConfig:
     bits: int = 2
     table: StepTable | str = "fitted"
     affine: str = "auto"
+    fused_loss: bool | str = "auto"
     verify: bool = True
     min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT
     tolerance: float | None = None
 
     def __post_init__(self) -> None:
-        if not (self.activations or self.norms or self.gated_mlp or self.dropout):
+        if not (self.activations or self.norms or self.gated_mlp or self.dropout or self.fused_loss is True):
             raise ValueError(
                 "activations=False, norms=False, gated_mlp=False and dropout=False leave nothing to convert; "
-                "enable at least one."
+                "enable at least one (or fused_loss=True)."
             )
+        if not (isinstance(self.fused_loss, bool) or self.fused_loss == "auto"):
+            raise ValueError(f"fused_loss={self.fused_loss!r} is unknown; use True, False or 'auto'.")
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
             raise OptionError("bits", self.bits, SUPPORTED_BITS)
         if isinstance(self.table, StepTable):

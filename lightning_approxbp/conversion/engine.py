@@ -26,6 +26,7 @@ from lightning_approxbp.conversion.blocks import (
 )
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses
+from lightning_approxbp.conversion.fused_loss import LogitsWatch, apply_fused_loss
 from lightning_approxbp.conversion.gated_experts import (
     FusedGatedExperts,
     GatedExpertsSpec,
@@ -459,7 +460,7 @@ def convert(
             defaults of its fields, overridden by ``options``.
         options: the fields of ``ConversionConfig`` as keywords (``activations``, ``norms``,
             ``gated_mlp``, ``dropout``, ``share_norm_output``, ``bits``, ``table``, ``affine``,
-            ``verify``, ``min_keep_weight``, ``tolerance``), instead of ``config``.
+            ``fused_loss``, ``verify``, ``min_keep_weight``, ``tolerance``), instead of ``config``.
         filter: ``(module, fqn) -> bool``; only norms and activations for which it returns
             ``True`` are considered.
         probe: instead of ``example_input``, a function that runs the model once the way
@@ -503,6 +504,9 @@ def convert(
         inputs = example_input if has_values else tree_map(_to_meta, example_input)
         probe = probe_from_example(inputs)
         probe_label = probe_label or "example_input"
+    # The fused loss ("auto") watches the probe runs for reads of the logits; only a training step shows them.
+    watch = LogitsWatch(module) if config.fused_loss == "auto" and probe is not None and example_input is None else None
+    probe = watch.wrap(probe) if watch is not None else probe
     conversion = _Conversion(module, config, filter)
     report = conversion.report
     report.probe = probe_label or ("custom" if probe is not None else "none")
@@ -554,6 +558,10 @@ def convert(
                 conversion.verify(reference, converted)
             else:
                 report.notes.append(_whole_model_note(has_values, kinds))
+    if config.fused_loss:
+        # Last, after verification: it changes the model's outputs (logits=None), so it checks its
+        # loss on its own. Only a training-step probe can show whether the logits are read.
+        apply_fused_loss(module, probe if example_input is None else None, config.fused_loss, report, watch)
     if not report.rows or not (report.converted or any(r.action == "unchanged" for r in report.rows)):
         warn_rank_zero(
             f"ApproxBP: nothing to convert in {type(module).__name__} (no GELU/SiLU-family activation or "

@@ -3,6 +3,9 @@
 - ``ops.step_activation`` and ``ops.ms_norm``: the PyTorch path, the ``torch.library`` custom
   ops (namespace ``approxbp``, so ``torch.compile`` captures each as one opaque node) and the
   autograd Function; their Triton kernels and launchers sit beside them in ``*_triton.py``.
+- ``ops.linear_cross_entropy``: the LM head and its cross-entropy, chunked over tokens so that
+  the ``tokens x vocab`` logits never exist; its per-chunk Triton kernel is in
+  ``linear_cross_entropy_triton.py``.
 - ``ops.dispatch``: the one rule that picks Triton or PyTorch for an input.
 - ``ops.affine_linear``: a norm's affine applied inside the consuming linear layer; an
   autograd Function over torch's matmuls (no kernel of its own), traceable by ``torch.compile``.

@@ -133,6 +133,20 @@ def _ms_norm_launches() -> Iterator[KernelLaunch]:
         yield kernels.plan_backward(grad, y, rstd, weight, bias, centered, 0.0, 1e-4, x.dtype)[0]
 
 
+def _linear_cross_entropy_launches() -> Iterator[KernelLaunch]:
+    from lightning_approxbp.ops import linear_cross_entropy_triton as kernels
+
+    # A LLaMA-3-sized chunk (aligned rows); the scale is 0-d in the forward, per row in the
+    # backward of reduction="none", and unused when no gradient is needed.
+    target = torch.empty(256, dtype=torch.int64, device="meta")
+    scales = {"0-d": torch.empty((), device="meta"), "per-row": torch.empty(256, device="meta")}
+    for dtype, softcap in itertools.product(TRITON_DTYPES, (0.0, 30.0)):
+        logits = torch.empty(256, 128256, dtype=dtype, device="meta")
+        yield kernels.plan_softmax_grad(logits, target, scales["0-d"], -100, 0.0, softcap, False)[0]
+        for scale in scales.values():
+            yield kernels.plan_softmax_grad(logits, target, scale, -100, 0.1, softcap, True)[0]
+
+
 def _specialisation(launch: KernelLaunch) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], list]]:
     """Signature, constexprs and attributes as Triton's runtime would derive them at launch."""
     from triton._C.libtriton import native_specialize_impl
@@ -176,13 +190,15 @@ def spec_for(launch: KernelLaunch) -> CompileSpec:
 def compile_specs() -> list[CompileSpec]:
     """Every distinct launch the ops can make, in a stable order."""
     specs: dict[str, CompileSpec] = {}
-    for launch in itertools.chain(_step_activation_launches(), _gated_mlp_launches(), _ms_norm_launches()):
+    for launch in itertools.chain(
+        _step_activation_launches(), _gated_mlp_launches(), _ms_norm_launches(), _linear_cross_entropy_launches()
+    ):
         spec = spec_for(launch)
         specs.setdefault(repr((spec.kernel_name, spec.signature, spec.constexprs, spec.attrs, spec.num_warps)), spec)
     return list(specs.values())
 
 
-_DATA_POINTERS = ("X_ptr", "Y_ptr", "DY_ptr", "DX_ptr", "G_ptr", "DH_ptr")
+_DATA_POINTERS = ("X_ptr", "Y_ptr", "DY_ptr", "DX_ptr", "G_ptr", "DH_ptr", "Logits_ptr")
 
 
 def _describe(signature: dict[str, str], constexprs: dict[str, Any]) -> tuple[str, str]:

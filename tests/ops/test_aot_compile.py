@@ -42,6 +42,7 @@ def test_every_launchable_kernel_compiles_without_spills(compiled):
 def test_the_check_covers_every_kernel_dtype_and_arch(compiled):
     from lightning_approxbp.ops import (
         gated_mlp_triton,
+        linear_cross_entropy_triton,
         ms_norm_triton,
         step_activation_triton,
     )
@@ -49,7 +50,7 @@ def test_the_check_covers_every_kernel_dtype_and_arch(compiled):
     _, results = compiled
     kernels = {
         name
-        for module in (ms_norm_triton, step_activation_triton, gated_mlp_triton)
+        for module in (ms_norm_triton, step_activation_triton, gated_mlp_triton, linear_cross_entropy_triton)
         for name in vars(module)
         if name.endswith("_kernel")
     }
