@@ -26,6 +26,7 @@ def tiny_llama(layers: int = 2) -> tuple[nn.Module, dict[str, Any]]:
     config = transformers.LlamaConfig(
         num_hidden_layers=layers, hidden_size=32, intermediate_size=88, num_attention_heads=2,
         num_key_value_heads=1, vocab_size=VOCAB, attn_implementation="eager",
+        use_cache=False,  # a KV cache would grow again in the recompute of a checkpointed layer
     )
     model = transformers.LlamaForCausalLM(config).train()
     ids = torch.randint(0, VOCAB, (2, 16))
