@@ -8,7 +8,7 @@ Plain PyTorch (no Lightning):
   simulated peak fits a budget (bytes, ``"20GiB"`` or a fraction of the device's memory).
 """
 
-from lightning_approxbp.memory.budget import device_memory, parse_budget
+from lightning_approxbp.memory.budget import device_memory, parse_budget, read_budget
 from lightning_approxbp.memory.checkpointing import blocks_of, checkpoint_blocks, is_checkpointed
 from lightning_approxbp.memory.estimate import StepMemoryEstimate, StepSimulation, estimate_step_memory, format_bytes
 from lightning_approxbp.memory.planner import CheckpointPlan, apply_plan, plan_checkpointing
@@ -26,4 +26,5 @@ __all__ = [
     "is_checkpointed",
     "parse_budget",
     "plan_checkpointing",
+    "read_budget",
 ]

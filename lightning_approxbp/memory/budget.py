@@ -34,24 +34,16 @@ def device_memory(device: torch.device) -> int:
     )
 
 
-def parse_budget(budget: int | float | str, device: torch.device | str = "cpu") -> int:
-    """The budget in bytes.
-
-    Args:
-        budget: bytes (a positive ``int``), a size string (``"20GiB"``, ``"512 MiB"``, ``"1.5GB"``;
-            ``KiB``/``MiB``/``GiB``/``TiB`` are powers of 1024, ``KB``/``MB``/``GB``/``TB`` of 1000),
-            or a ``float`` in ``(0, 1]``: that fraction of ``device``'s total memory.
-        device: the device a fraction refers to.
+def read_budget(budget: int | float | str) -> int | float:
+    """``budget`` checked: bytes (``int``), or a fraction of the device's memory (``float`` in ``(0, 1]``).
 
     Raises:
         ValueError: for a budget that is not positive, a fraction above 1, or an unparsable string.
 
     Example::
 
-        >>> parse_budget("512MiB")
-        536870912
-        >>> parse_budget(2048)
-        2048
+        >>> read_budget("512MiB"), read_budget(0.8)
+        (536870912, 0.8)
     """
     if isinstance(budget, bool):
         raise ValueError(f"memory_budget must be bytes, a size string or a fraction, got {budget!r}.")
@@ -65,7 +57,7 @@ def parse_budget(budget: int | float | str, device: torch.device | str = "cpu") 
                 f"A float memory_budget is a fraction of the device's memory and must be in (0, 1], got {budget}. "
                 "Give bytes as an int or a string such as '20GiB'."
             )
-        return int(budget * device_memory(torch.device(device)))
+        return budget
     if isinstance(budget, str):
         match = _PATTERN.match(budget)
         unit = match.group(2).lower() if match else None
@@ -79,3 +71,26 @@ def parse_budget(budget: int | float | str, device: torch.device | str = "cpu") 
             raise ValueError(f"memory_budget must be positive, got {budget!r}.")
         return value
     raise ValueError(f"memory_budget must be bytes, a size string or a fraction, got {type(budget).__name__}.")
+
+
+def parse_budget(budget: int | float | str, device: torch.device | str = "cpu") -> int:
+    """The budget in bytes.
+
+    Args:
+        budget: bytes (a positive ``int``), a size string (``"20GiB"``, ``"512 MiB"``, ``"1.5GB"``;
+            ``KiB``/``MiB``/``GiB``/``TiB`` are powers of 1024, ``KB``/``MB``/``GB``/``TB`` of 1000),
+            or a ``float`` in ``(0, 1]``: that fraction of ``device``'s total memory.
+        device: the device a fraction refers to.
+
+    Raises:
+        ValueError: as :func:`read_budget`, and for a fraction where the device's memory is unknown.
+
+    Example::
+
+        >>> parse_budget("512MiB")
+        536870912
+        >>> parse_budget(2048)
+        2048
+    """
+    value = read_budget(budget)
+    return int(value * device_memory(torch.device(device))) if isinstance(value, float) else value

@@ -87,8 +87,11 @@ class StepMemoryEstimate:
 
 
 def format_bytes(value: int) -> str:
-    """``value`` in MiB (GiB from 10 GiB up), e.g. ``'512.0 MiB'``."""
-    return f"{value / 2**30:.2f} GiB" if value >= 10 * 2**30 else f"{value / 2**20:.1f} MiB"
+    """``value`` in KiB, MiB or GiB (the largest unit it reaches 10 of), e.g. ``'512.0 MiB'``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= 10 * size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value} B"
 
 
 class _PeakTracker(MemTracker):
