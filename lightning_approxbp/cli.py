@@ -16,6 +16,8 @@ mode, and this package's callbacks, plugin and recipes importable by short name 
   ``.yaml`` appended when ``NAME`` has no suffix. So ``--config approxbp.yaml``,
   ``--config approxbp`` and ``--config configs/approxbp.yaml`` all work from a checkout.
 - Re-runs overwrite the ``config.yaml`` that LightningCLI saves in the log directory.
+- ``approxbp estimate --config ...`` prints the simulated step memory of the config, as is and
+  converted (:mod:`lightning_approxbp.estimate_cli`); nothing is trained.
 
 Example::
 
@@ -82,6 +84,11 @@ def main(args: Sequence[str] | None = None) -> Any:
         What ``lightning-sdk``'s command returns when the arguments are handed to it, else ``None``.
     """
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["estimate"]:  # the simulated step memory of a config (lightning_approxbp.estimate_cli)
+        from lightning_approxbp.estimate_cli import estimate_main
+
+        estimate_main(argv[1:])
+        return None
     if _is_sdk_command(argv):
         entry_point = sdk_entry_point()
         if entry_point is not None:

@@ -18,7 +18,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
-import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
@@ -29,6 +28,7 @@ from lightning_approxbp.conversion.probe import ProbeFn, probe_from_example
 from lightning_approxbp.conversion.sharding import describe, sharded_modules
 from lightning_approxbp.conversion.walker import ModuleFilter
 from lightning_approxbp.memory import CheckpointPlan, apply_plan, parse_budget, plan_checkpointing, read_budget
+from lightning_approxbp.memory.steps import configured_optimizer, training_step_loss
 from lightning_approxbp.tables import StepTable
 
 # Lightning calls these LightningModule hooks, in this order, after the callbacks' ``setup`` and
@@ -258,7 +258,7 @@ class ApproxBP(Callback):
             )
         self.memory_plan = plan_checkpointing(
             pl_module, example, budget, step=step, precision=str(trainer.precision),
-            optimizer=_configured_optimizer, share=(trainer,),
+            optimizer=configured_optimizer, share=(trainer,),
         )
         apply_plan(pl_module, self.memory_plan)
         rank_zero_info(str(self.memory_plan))
@@ -269,7 +269,7 @@ class ApproxBP(Callback):
             return self._example_input, None
         if pl_module.example_input_array is not None:
             return pl_module.example_input_array, None
-        return _first_train_batch(trainer, pl_module), _simulated_training_step
+        return _first_train_batch(trainer, pl_module), training_step_loss
 
     def _probes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[ProbeFn, str]]:
         """The probes to try, in order, each with its report label; empty when there is none."""
@@ -373,21 +373,3 @@ def _training_step_probe(batch: Any) -> ProbeFn:
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
-
-def _simulated_training_step(module: nn.Module, batch: Any) -> Any:
-    module.log = module.log_dict = _ignore  # type: ignore[method-assign]
-    output = module.training_step(batch, 0)
-    return output["loss"] if isinstance(output, dict) else output
-
-
-def _configured_optimizer(module: nn.Module) -> torch.optim.Optimizer:
-    """The first optimizer ``configure_optimizers`` returns (AdamW when it returns none or fails without a Trainer)."""
-    try:
-        config = module.configure_optimizers()
-    except Exception:  # noqa: BLE001 - e.g. it reads trainer state that does not exist at setup
-        config = None
-    while isinstance(config, (list, tuple, dict)) and config:
-        config = config.get("optimizer") if isinstance(config, dict) else config[0]
-    if isinstance(config, torch.optim.Optimizer):
-        return config
-    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad])

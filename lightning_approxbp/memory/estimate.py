@@ -173,7 +173,7 @@ class StepSimulation:
         source = model
         if convert is not False:
             config = convert if isinstance(convert, ConversionConfig) else ConversionConfig()
-            source, self.conversion = converted_copy(model, example_input, config, share)
+            source, self.conversion = converted_copy(model, example_input, config, share, step)
         self.mode = new_fake_mode()
         self.model = fake_copy(source, self.mode, share)
         with self.mode:

@@ -15,7 +15,7 @@ parameter values, and its probe restores buffers and RNG state.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -50,12 +50,19 @@ def first_samples(example_input: Any, samples: int = PROBE_SAMPLES) -> Any:
 
 
 def converted_copy(
-    model: nn.Module, example_input: Any, config: ConversionConfig, share: Iterable[object] = ()
+    model: nn.Module,
+    example_input: Any,
+    config: ConversionConfig,
+    share: Iterable[object] = (),
+    step: Callable[[nn.Module, Any], Any] | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
-    """A structural copy of ``model`` converted with ``config`` (probed on its first samples)."""
+    """A structural copy of ``model`` converted with ``config``, probed on the first samples of
+    ``example_input`` (passed to ``forward``, or to ``step(module, batch)`` when given)."""
     shadow = structural_copy(model, share)
-    report = convert(shadow, first_samples(example_input), config=config)
-    return shadow, report
+    sample = first_samples(example_input)
+    if step is None:
+        return shadow, convert(shadow, sample, config=config)
+    return shadow, convert(shadow, probe=lambda module: step(module, sample), probe_label="step", config=config)
 
 
 def fake_copy(model: nn.Module, mode: FakeTensorMode, share: Iterable[object] = ()) -> nn.Module:
