@@ -87,7 +87,7 @@ def main(args: Sequence[str] | None = None) -> Any:
     if argv[:1] == ["estimate"]:  # the simulated step memory of a config (lightning_approxbp.estimate_cli)
         from lightning_approxbp.estimate_cli import estimate_main
 
-        estimate_main(argv[1:])
+        estimate_main(cli(resolve_config_paths(argv[1:]), run=False))
         return None
     if _is_sdk_command(argv):
         entry_point = sdk_entry_point()

@@ -15,22 +15,19 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.seed import isolate_rng
 
+from lightning_approxbp.callbacks.approxbp import ApproxBP
 from lightning_approxbp.conversion import ConversionConfig
 from lightning_approxbp.memory import StepMemoryEstimate, estimate_step_memory, format_bytes
 from lightning_approxbp.memory.steps import configured_optimizer, training_step_loss
 
 
-def estimate_main(args: Sequence[str]) -> tuple[StepMemoryEstimate, StepMemoryEstimate]:
-    """Print the baseline and converted estimates of the config in ``args``; return them."""
-    from lightning_approxbp.callbacks.approxbp import ApproxBP
-    from lightning_approxbp.cli import cli, resolve_config_paths
-
-    built = cli(resolve_config_paths(args), run=False)
+def estimate_main(built: LightningCLI) -> tuple[StepMemoryEstimate, StepMemoryEstimate]:
+    """Print the baseline and converted estimates for a config's objects (``cli(args, run=False)``); return them."""
     model, datamodule, trainer = built.model, built.datamodule, built.trainer
     batch = _first_batch(model, datamodule)
     options = {"step": training_step_loss, "optimizer": configured_optimizer, "precision": str(trainer.precision)}
