@@ -188,15 +188,26 @@ class StepSimulation:
             self.step_fn: StepFn = lambda module, batch: loss_fn(_forward(module, batch))
         else:
             self.step_fn = step or default_step
+        self._measured: dict[tuple[str, ...], StepMemoryEstimate] = {}
         self._run_step(None)  # the measured steps find gradients freed and optimizer state allocated
 
     def measure(self, checkpointed: tuple[str, ...] = ()) -> StepMemoryEstimate:
-        """One step's peak, with the blocks named in ``checkpointed`` recomputing their forward."""
+        """One step's peak, with the blocks named in ``checkpointed`` recomputing their forward.
+
+        Steady-state steps are alike, so each set of blocks is simulated once and remembered.
+        """
+        key = tuple(sorted(checkpointed))
+        if key not in self._measured:
+            self._measured[key] = self._measure(checkpointed)
+        return self._measured[key]
+
+    def _measure(self, checkpointed: tuple[str, ...]) -> StepMemoryEstimate:
         with checkpointed_blocks(self.model, checkpointed):
             tracker = _PeakTracker(self.device)
             tracker.track_external(self.model, self.optimizer, self.inputs)
             self._run_step(tracker)
-        self.last_tracker = tracker
+        if not checkpointed:
+            self._plain_tracker = tracker
         snapshot = tracker.get_tracker_snapshot("peak").get(self.device, {})
         parts = {name: int(snapshot.get(kind, 0)) for name, kind in _PARTS.items()}
         root = type(self.model).__name__
@@ -207,8 +218,9 @@ class StepSimulation:
         )
 
     def module_stats(self, module: nn.Module) -> tuple[int, int, int]:
-        """(total before, total after, output bytes) of ``module``'s forward in the last measured step."""
-        stats = self.last_tracker.memory_tracking[module]
+        """(total before, total after, output bytes) of ``module``'s forward in the step without checkpointing."""
+        self.measure()
+        stats = self._plain_tracker.memory_tracking[module]
         before = stats.snapshots[_ModState.PRE_FW][0][self.device][_TOTAL]
         after = stats.snapshots[_ModState.POST_FW][0][self.device][_TOTAL]
         return before, after, stats.output_mem

@@ -135,6 +135,11 @@ def plan_checkpointing(
         model, example_input, step=step, loss_fn=loss_fn, optimizer=optimizer, precision=precision,
         convert=convert, share=share,
     )
+    return plan_for(simulation, budget_bytes)
+
+
+def plan_for(simulation: StepSimulation, budget_bytes: int) -> CheckpointPlan:
+    """:func:`plan_checkpointing` on a prepared simulation (several budgets can share one)."""
     before = simulation.measure()
     names = [name for name, _ in blocks_of(simulation.model)]
     flops, forward_flops = block_flops(simulation, names)
