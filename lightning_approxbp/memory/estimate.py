@@ -110,6 +110,21 @@ class _PeakTracker(MemTracker):
             names = [name for name in self._mod_tracker.parents if name != "Global"]
             self.module = max(names, key=lambda name: name.count("."), default="")
 
+    def skip_frozen(self, model: nn.Module) -> None:
+        """Do not hook frozen parameters: MemTracker hooks every parameter for its gradient, and
+        ``register_hook`` fails on one that needs none (LoRA, frozen backbones)."""
+        for parameter in model.parameters():
+            if not parameter.requires_grad:
+                self._param_to_grad_hook_handles[parameter] = (_NO_HOOK, _NO_HOOK)
+
+
+class _NoHook:
+    def remove(self) -> None:
+        return None
+
+
+_NO_HOOK = _NoHook()
+
 
 def default_step(module: nn.Module, example_input: Any) -> Tensor:
     """Forward like :func:`~lightning_approxbp.conversion.probe.probe_from_example`, then the loss:
@@ -204,6 +219,7 @@ class StepSimulation:
     def _measure(self, checkpointed: tuple[str, ...]) -> StepMemoryEstimate:
         with checkpointed_blocks(self.model, checkpointed):
             tracker = _PeakTracker(self.device)
+            tracker.skip_frozen(self.model)
             tracker.track_external(self.model, self.optimizer, self.inputs)
             self._run_step(tracker)
         if not checkpointed:

