@@ -95,7 +95,12 @@ def format_bytes(value: int) -> str:
 
 
 class _PeakTracker(MemTracker):
-    """MemTracker that also notes where (phase, innermost module) each new peak is reached."""
+    """MemTracker that also notes where (phase, innermost module) each new peak is reached.
+
+    It reads MemTracker's private state (``_peak_mem``, ``_in_opt``, ``_mod_tracker``,
+    ``_param_to_grad_hook_handles``; checked against torch 2.13): the public API reports the
+    peak but not where it happened.
+    """
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
@@ -130,12 +135,7 @@ def default_step(module: nn.Module, example_input: Any) -> Tensor:
     """Forward like :func:`~lightning_approxbp.conversion.probe.probe_from_example`, then the loss:
     the output's ``loss`` when it has one (transformers models given labels), else the mean of its
     first floating-point tensor."""
-    if isinstance(example_input, Mapping):
-        output = module(**example_input)
-    elif isinstance(example_input, (tuple, list)):
-        output = module(*example_input)
-    else:
-        output = module(example_input)
+    output = _forward(module, example_input)
     loss = getattr(output, "loss", None)
     if isinstance(loss, Tensor):
         return loss
@@ -241,12 +241,15 @@ class StepSimulation:
         after = stats.snapshots[_ModState.POST_FW][0][self.device][_TOTAL]
         return before, after, stats.output_mem
 
-    def _run_step(self, tracker: MemTracker | None) -> None:
+    def autocast(self) -> Any:
+        """The autocast context of the precision (forward and loss only, as Lightning does)."""
         dtype = _MIXED.get(self.precision)
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def _run_step(self, tracker: MemTracker | None) -> None:
         with self.mode, _quiet(), tracker if tracker is not None else nullcontext():
             self.model.train()
-            with autocast:
+            with self.autocast():
                 loss = self.step_fn(self.model, self.inputs)
             loss.backward()
             self.optimizer.step()

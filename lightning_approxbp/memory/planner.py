@@ -28,7 +28,6 @@ from lightning_approxbp.memory.estimate import (
     StepFn,
     StepMemoryEstimate,
     StepSimulation,
-    _MIXED,
     format_bytes,
 )
 
@@ -74,10 +73,8 @@ class CheckpointPlan:
 def block_flops(simulation: StepSimulation, names: list[str]) -> tuple[dict[str, int], int]:
     """Forward FLOPs of each named block and of the whole model, counted on the fake copy."""
     counter = FlopCounterMode(display=False)
-    dtype = _MIXED.get(simulation.precision)
-    with simulation.mode, torch.no_grad(), counter:
-        with torch.autocast(simulation.device.type, dtype=dtype, enabled=dtype is not None):
-            simulation.step_fn(simulation.model, simulation.inputs)
+    with simulation.mode, torch.no_grad(), counter, simulation.autocast():
+        simulation.step_fn(simulation.model, simulation.inputs)
     counts = counter.get_flop_counts()
     root = type(simulation.model).__name__
     flops = {name: sum(counts.get(f"{root}.{name}", {}).values()) for name in names}
