@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -82,6 +83,7 @@ def row(name: str, view: str, variant: str, simulation: StepSimulation, blocks: 
 
 
 def measure_case(name: str, view: str, quick: bool) -> list[dict[str, Any]]:
+    print(f"{name}, {view} attention ...", file=sys.stderr, flush=True)
     model, batch = build(name, view, quick)
     options = {"precision": "bf16-mixed", "optimizer": "adamw"}
     every = tuple(block for block, _ in blocks_of(model))

@@ -106,11 +106,11 @@ class ApproxBP(Callback):
             whole batch the probe came from. The plan is kept as :attr:`memory_plan` and printed.
 
     Raises:
-        ValueError: at construction, for unknown or conflicting options.
+        ValueError: at construction, for unknown or conflicting options or an unreadable
+            ``memory_budget``; at setup, for a budget that cannot be met (the message gives the
+            smallest reachable peak).
         RuntimeError: at conversion if verification finds a different output, or when modules are
             already managed by FSDP or tensor parallelism (the message says how to convert first).
-        ValueError: at construction for an unreadable ``memory_budget``; at setup when the budget
-            cannot be met (the message gives the smallest reachable peak).
 
     Example::
 
@@ -372,4 +372,3 @@ def _training_step_probe(batch: Any) -> ProbeFn:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
-
