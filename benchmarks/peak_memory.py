@@ -112,7 +112,7 @@ def render(payload: dict[str, Any]) -> str:
         f"Machine: {payload['machine']}; load average {payload['load_average']} (start) / "
         f"{payload['load_average_end']} (end); {payload['wall_s']:.0f} s. One steady-state bf16-mixed AdamW step; "
         "CUDA context, library workspaces and allocator caching are not included. In the flash view the backward "
-        "recomputes attention with the CPU math path, so its temporaries include one layer's s x s scores, which a "
+        "recomputes one layer's attention with CPU sdpa, so its temporaries can include that layer's s x s scores (math path), which a "
         "flash backward does not materialise (an overestimate of the flash peak when the peak is in the backward).", "",
         "| model | attention | variant | peak | vs baseline | activations | temporaries | peak in | blocks | check |",
         "|---|---|---|---:|---:|---:|---:|---|---:|---|",
