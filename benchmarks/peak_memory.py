@@ -36,8 +36,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import _gpu_attention
+import torch
 from _common import RESULTS_DIR, machine_name
 from torch import nn
 
@@ -109,11 +109,12 @@ def measure_case(name: str, view: str, quick: bool) -> list[dict[str, Any]]:
 def render(payload: dict[str, Any]) -> str:
     lines = [
         "# Whole-step peak memory, simulated (CPU, fake tensors)", "",
-        f"Machine: {payload['machine']}; load average {payload['load_average']} (start) / "
+        (f"Machine: {payload['machine']}; load average {payload['load_average']} (start) / "
         f"{payload['load_average_end']} (end); {payload['wall_s']:.0f} s. One steady-state bf16-mixed AdamW step; "
         "CUDA context, library workspaces and allocator caching are not included. In the flash view the backward "
-        "recomputes one layer's attention with CPU sdpa, so its temporaries can include that layer's s x s scores (math path), which a "
-        "flash backward does not materialise (an overestimate of the flash peak when the peak is in the backward).", "",
+        "recomputes one layer's attention with CPU sdpa, so its temporaries can include that layer's s x s scores "
+        "(math path), which a flash backward does not materialise (an overestimate of the flash peak when the peak "
+        "is in the backward)."), "",
         "| model | attention | variant | peak | vs baseline | activations | temporaries | peak in | blocks | check |",
         "|---|---|---|---:|---:|---:|---:|---|---:|---|",
     ]

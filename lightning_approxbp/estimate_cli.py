@@ -22,7 +22,11 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_approxbp.callbacks.approxbp import ApproxBP
 from lightning_approxbp.conversion import ConversionConfig
-from lightning_approxbp.memory import StepMemoryEstimate, estimate_step_memory, format_bytes
+from lightning_approxbp.memory import (
+    StepMemoryEstimate,
+    estimate_step_memory,
+    format_bytes,
+)
 from lightning_approxbp.memory.steps import configured_optimizer, training_step_loss
 
 

@@ -27,7 +27,13 @@ from lightning_approxbp.conversion.config import DEFAULT_MIN_KEEP_WEIGHT
 from lightning_approxbp.conversion.probe import ProbeFn, probe_from_example
 from lightning_approxbp.conversion.sharding import describe, sharded_modules
 from lightning_approxbp.conversion.walker import ModuleFilter
-from lightning_approxbp.memory import CheckpointPlan, apply_plan, parse_budget, plan_checkpointing, read_budget
+from lightning_approxbp.memory import (
+    CheckpointPlan,
+    apply_plan,
+    parse_budget,
+    plan_checkpointing,
+    read_budget,
+)
 from lightning_approxbp.memory.steps import configured_optimizer, training_step_loss
 from lightning_approxbp.tables import StepTable
 
@@ -140,7 +146,7 @@ class ApproxBP(Callback):
         tolerance: float | None = None,
         config: ConversionConfig | None = None,
         probe_samples: int = 2,
-        memory_budget: int | float | str | None = None,
+        memory_budget: float | str | None = None,
     ) -> None:
         if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or probe_samples < 1:
             raise ValueError(

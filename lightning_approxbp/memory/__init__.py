@@ -9,9 +9,22 @@ Plain PyTorch (no Lightning):
 """
 
 from lightning_approxbp.memory.budget import device_memory, parse_budget, read_budget
-from lightning_approxbp.memory.checkpointing import blocks_of, checkpoint_blocks, is_checkpointed
-from lightning_approxbp.memory.estimate import StepMemoryEstimate, StepSimulation, estimate_step_memory, format_bytes
-from lightning_approxbp.memory.planner import CheckpointPlan, apply_plan, plan_checkpointing
+from lightning_approxbp.memory.checkpointing import (
+    blocks_of,
+    checkpoint_blocks,
+    is_checkpointed,
+)
+from lightning_approxbp.memory.estimate import (
+    StepMemoryEstimate,
+    StepSimulation,
+    estimate_step_memory,
+    format_bytes,
+)
+from lightning_approxbp.memory.planner import (
+    CheckpointPlan,
+    apply_plan,
+    plan_checkpointing,
+)
 
 __all__ = [
     "CheckpointPlan",

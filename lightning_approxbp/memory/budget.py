@@ -34,11 +34,12 @@ def device_memory(device: torch.device) -> int:
     )
 
 
-def read_budget(budget: int | float | str) -> int | float:
+def read_budget(budget: float | str) -> int | float:
     """``budget`` checked: bytes (``int``), or a fraction of the device's memory (``float`` in ``(0, 1]``).
 
     Raises:
         ValueError: for a budget that is not positive, a fraction above 1, or an unparsable string.
+        TypeError: for anything but an ``int``, ``float`` or ``str``.
 
     Example::
 
@@ -46,7 +47,7 @@ def read_budget(budget: int | float | str) -> int | float:
         (536870912, 0.8)
     """
     if isinstance(budget, bool):
-        raise ValueError(f"memory_budget must be bytes, a size string or a fraction, got {budget!r}.")
+        raise TypeError(f"memory_budget must be bytes, a size string or a fraction, got {budget!r}.")
     if isinstance(budget, int):
         if budget <= 0:
             raise ValueError(f"memory_budget must be positive, got {budget} bytes.")
@@ -70,10 +71,10 @@ def read_budget(budget: int | float | str) -> int | float:
         if value <= 0:
             raise ValueError(f"memory_budget must be positive, got {budget!r}.")
         return value
-    raise ValueError(f"memory_budget must be bytes, a size string or a fraction, got {type(budget).__name__}.")
+    raise TypeError(f"memory_budget must be bytes, a size string or a fraction, got {type(budget).__name__}.")
 
 
-def parse_budget(budget: int | float | str, device: torch.device | str = "cpu") -> int:
+def parse_budget(budget: float | str, device: torch.device | str = "cpu") -> int:
     """The budget in bytes.
 
     Args:

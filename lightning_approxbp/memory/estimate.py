@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +27,13 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from lightning_approxbp.conversion import ConversionConfig, ConversionReport
 from lightning_approxbp.memory.checkpointing import checkpointed_blocks
-from lightning_approxbp.memory.fake import converted_copy, fake_copy, fake_input, model_device, new_fake_mode
+from lightning_approxbp.memory.fake import (
+    converted_copy,
+    fake_copy,
+    fake_input,
+    model_device,
+    new_fake_mode,
+)
 
 StepFn = Callable[[nn.Module, Any], Tensor]
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]

@@ -84,7 +84,7 @@ def block_flops(simulation: StepSimulation, names: list[str]) -> tuple[dict[str,
 def plan_checkpointing(
     model: nn.Module,
     example_input: Any,
-    budget: int | float | str,
+    budget: float | str,
     *,
     optimizer: str | OptimizerFactory = "adamw",
     precision: str = "32-true",

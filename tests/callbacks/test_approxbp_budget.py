@@ -55,7 +55,7 @@ def _peaks(module: Stack, example: bool) -> tuple[int, int]:
     """Simulated peaks with no block and with every block checkpointed, for the step the callback simulates:
     the configured SGD; training_step on a train batch, else forward and the output's mean."""
     batch = torch.randn(BATCH, WIDTH)
-    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)  # noqa: E731
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
     step = None if example else (lambda m, b: m(b).pow(2).mean())
     simulation = StepSimulation(module, batch, optimizer=sgd, convert=True, step=step)
     names = tuple(name for name, _ in blocks_of(module))

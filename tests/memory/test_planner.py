@@ -39,11 +39,16 @@ def test_a_fraction_is_of_the_host_memory_on_cpu():
     [
         (-5, "must be positive"), (0, "must be positive"), ("0GiB", "must be positive"), (1.5, r"in \(0, 1\]"),
         (-0.1, r"in \(0, 1\]"), ("twenty gigs", "Cannot read the memory budget"), ("20 GiBs", "e.g. '20GiB'"),
-        (True, "must be bytes"), ([1], "must be bytes"),
     ],
 )
 def test_bad_budgets_get_clear_errors(budget, message):
     with pytest.raises(ValueError, match=message):
+        parse_budget(budget)
+
+
+@pytest.mark.parametrize("budget", [True, [1], None])
+def test_a_budget_of_another_type_is_a_type_error(budget):
+    with pytest.raises(TypeError, match="must be bytes, a size string or a fraction"):
         parse_budget(budget)
 
 
