@@ -169,7 +169,19 @@ class StepSimulation:
     """A fake copy of a model, warmed up by one step, on which steps can be measured.
 
     Used by :func:`estimate_step_memory` (one measurement) and the checkpointing planner (one
-    per candidate plan, without warming up again).
+    per candidate plan, without warming up again). The arguments are those of
+    :func:`estimate_step_memory`; ``share`` lists objects the copies must reference rather than
+    copy (e.g. the Trainer a LightningModule points to).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> simulation = StepSimulation(nn.Sequential(nn.Linear(64, 256), nn.GELU()), torch.randn(32, 64))
+        >>> simulation.measure().phase  # a small model: weights and AdamW state dominate
+        'optimizer step'
+        >>> simulation.measure() is simulation.measure()  # simulated once
+        True
     """
 
     def __init__(

@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from lightning_approxbp import ConversionConfig, convert
-from lightning_approxbp.memory import estimate_step_memory
+from lightning_approxbp.memory import StepSimulation, estimate_step_memory
 from lightning_approxbp.memory.fake import first_samples
 from tests.memory.models import tiny_bert, tiny_llama
 
@@ -84,8 +84,7 @@ def test_the_converted_step_keeps_fewer_activations(name: str):
 
 
 def _forward_activations(model: nn.Module, batch: dict, converted: bool) -> int:
-    from lightning_approxbp.memory import StepSimulation
-
+    """What the whole forward leaves alive (every saved activation, at the end of the forward)."""
     simulation = StepSimulation(model, batch, precision="bf16-mixed", convert=converted)
     simulation.measure()
     before, after, _ = simulation.module_stats(simulation.model)
