@@ -19,6 +19,8 @@ mode, and this package's callbacks, plugin and recipes importable by short name 
 - A bad value or an unknown key in the YAML or on the command line gets one short message that
   names the option, the value, what is accepted and the closest match, without a traceback;
   ``--debug`` (or ``APPROXBP_DEBUG=1``) shows the traceback.
+- ``approxbp estimate --config ...`` prints the simulated step memory of the config, as is and
+  converted (:mod:`lightning_approxbp.estimate_cli`); nothing is trained.
 
 Example::
 
@@ -112,14 +114,20 @@ def main(args: Sequence[str] | None = None) -> Any:
         What ``lightning-sdk``'s command returns when the arguments are handed to it, else ``None``.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if _is_sdk_command(argv):
+    estimate = argv[:1] == ["estimate"]  # the simulated step memory of a config (lightning_approxbp.estimate_cli)
+    if not estimate and _is_sdk_command(argv):
         entry_point = sdk_entry_point()
         if entry_point is not None:
             return _run_sdk(entry_point, argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV_VAR, "0") not in ("", "0")
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
     try:
-        cli(resolve_config_paths(argv))
+        if estimate:
+            from lightning_approxbp.estimate_cli import estimate_main
+
+            estimate_main(cli(resolve_config_paths(argv[1:]), run=False))
+        else:
+            cli(resolve_config_paths(argv))
     except Exception as error:
         option_error = None if debug else OptionError.find(error)
         if option_error is None:

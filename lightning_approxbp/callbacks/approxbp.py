@@ -28,6 +28,14 @@ from lightning_approxbp.conversion.probe import ProbeFn, probe_from_example
 from lightning_approxbp.conversion.sharding import describe, sharded_modules
 from lightning_approxbp.conversion.walker import ModuleFilter
 from lightning_approxbp.errors import ProbeError
+from lightning_approxbp.memory import (
+    CheckpointPlan,
+    apply_plan,
+    parse_budget,
+    plan_checkpointing,
+    read_budget,
+)
+from lightning_approxbp.memory.steps import configured_optimizer, training_step_loss
 from lightning_approxbp.tables import StepTable
 
 # Lightning calls these LightningModule hooks, in this order, after the callbacks' ``setup`` and
@@ -96,9 +104,18 @@ class ApproxBP(Callback):
             :class:`~lightning_approxbp.conversion.ConversionConfig`, instead of the arguments.
         probe_samples: how many samples of the first train batch the ``training_step`` probe
             runs on (``example_input`` and ``example_input_array`` are used as given).
+        memory_budget: after conversion, checkpoint the fewest blocks (children of the model's
+            largest ``nn.ModuleList``) for the simulated step peak to fit: bytes, a string such as
+            ``"20GiB"``, or a fraction in ``(0, 1]`` of the training device's memory; see
+            :func:`~lightning_approxbp.memory.plan_checkpointing`. The step is simulated on fake
+            tensors on the device the model is on at setup (before the move to the accelerator)
+            with the optimizer of ``configure_optimizers`` (AdamW if it cannot run there) on the
+            whole batch the probe came from. The plan is kept as :attr:`memory_plan` and printed.
 
     Raises:
-        ValueError: at construction, for unknown or conflicting options.
+        ValueError: at construction, for unknown or conflicting options or an unreadable
+            ``memory_budget``; at setup, for a budget that cannot be met (the message gives the
+            smallest reachable peak).
         RuntimeError: at conversion if verification finds a different output, or when modules are
             already managed by FSDP or tensor parallelism (the message says how to convert first).
 
@@ -130,6 +147,7 @@ class ApproxBP(Callback):
         tolerance: float | None = None,
         config: ConversionConfig | None = None,
         probe_samples: int = 2,
+        memory_budget: float | str | None = None,
     ) -> None:
         if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or probe_samples < 1:
             raise ValueError(
@@ -157,6 +175,8 @@ class ApproxBP(Callback):
         self._probe_samples = probe_samples
         self.report: ConversionReport | None = None
         self._converted: weakref.ref[nn.Module] | None = None
+        self._memory_budget = memory_budget if memory_budget is None else read_budget(memory_budget)
+        self.memory_plan: CheckpointPlan | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -233,6 +253,32 @@ class ApproxBP(Callback):
         self.report = report
         self._converted = weakref.ref(pl_module)
         rank_zero_info(str(report))
+        if self._memory_budget is not None:
+            self._fit_budget(trainer, pl_module)
+
+    def _fit_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Plan and apply the checkpointing that makes the simulated step fit ``memory_budget``."""
+        budget = parse_budget(self._memory_budget, trainer.strategy.root_device)
+        example, step = self._budget_batch(trainer, pl_module)
+        if example is None:
+            raise ValueError(
+                "ApproxBP(memory_budget=...) needs one batch to simulate the step: pass example_input, set "
+                "example_input_array, or give the model or datamodule a train_dataloader."
+            )
+        self.memory_plan = plan_checkpointing(
+            pl_module, example, budget, step=step, precision=str(trainer.precision),
+            optimizer=configured_optimizer, share=(trainer,),
+        )
+        apply_plan(pl_module, self.memory_plan)
+        rank_zero_info(str(self.memory_plan))
+
+    def _budget_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
+        """The whole batch to simulate and the step for it (``None`` for a forward)."""
+        if self._example_input is not None:
+            return self._example_input, None
+        if pl_module.example_input_array is not None:
+            return pl_module.example_input_array, None
+        return _first_train_batch(trainer, pl_module), training_step_loss
 
     def _probes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[ProbeFn, str]]:
         """The probes to try, in order, each with its report label; empty when there is none."""

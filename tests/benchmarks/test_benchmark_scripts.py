@@ -54,6 +54,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str], list[str]]] = {
         ["main_job_memory_cpu.json", "main_job_memory_cpu.md"],
     ),
     "linear_cross_entropy": (["--quick"], [], ["linear_cross_entropy_cpu.json", "linear_cross_entropy_cpu.md"]),
+    "peak_memory": (["--quick"], ["transformers", "peft"], ["peak_memory_sim.json", "peak_memory_sim.md"]),
 }
 
 
