@@ -60,8 +60,10 @@ def at_infinity_limits(op: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Ten
         y = op(x)
         infinite = x.isinf()
         # On CPU, a test for any infinity is cheaper than the select it saves; elsewhere (and
-        # while compiling) the select runs unconditionally, without a data-dependent branch.
-        if x.device.type == "cpu" and not torch.compiler.is_compiling() and not infinite.any():
+        # while compiling or on fake tensors) the select runs unconditionally, without a
+        # data-dependent branch.
+        tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+        if x.device.type == "cpu" and not tracing and not infinite.any():
             return y
         return torch.where(infinite, x.clamp(min=0).to(y.dtype), y)
 
