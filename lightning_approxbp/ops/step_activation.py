@@ -150,12 +150,25 @@ def byte_levels(levels: tuple[float, ...], bits: int, device: torch.device, dtyp
     return torch.tensor(rows, dtype=dtype, device=device)
 
 
+# index_select copies from a 1-D table several times faster than row by row from a 2-D one: a
+# row of 8 or 16 bytes is moved as one int64 / complex128 element (bytes only, nothing computed).
+_ROW_ELEMENTS = {8: torch.int64, 16: torch.complex128}
+
+
+def _gather_rows(table: Tensor, index: Tensor) -> Tensor:
+    """``table.index_select(0, index)`` for a contiguous 2-D ``table``."""
+    element = _ROW_ELEMENTS.get(table.shape[1] * table.element_size())
+    if element is None:
+        return table.index_select(0, index)
+    return table.view(element).view(-1).index_select(0, index).view(table.dtype).view(-1, table.shape[1])
+
+
 def _torch_backward(grad_output: Tensor, packed: Tensor, nonfinite: Tensor, levels: list[float], bits: int) -> Tensor:
     table = byte_levels(tuple(levels), bits, grad_output.device, compute_dtype(grad_output.dtype))
     # A non-finite input anywhere poisons the whole gradient (see the module docstring); on the
     # 256-row table, so it costs no pass over the gradient.
     table = torch.where(nonfinite > 0, float("nan"), table)
-    multiplier = table.index_select(0, packed.to(torch.int32)).view(-1)[: grad_output.numel()]
+    multiplier = _gather_rows(table, packed.to(torch.int32)).view(-1)[: grad_output.numel()]
     # The product in the table's dtype (fp32 for 16-bit gradients), rounded once into the
     # gradient's dtype: one pass, no widened copy of the gradient.
     return torch.mul(grad_output, multiplier.view(grad_output.shape), out=torch.empty_like(grad_output))
