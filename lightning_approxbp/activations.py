@@ -64,12 +64,12 @@ class Activation:
 def known_finite(x: Tensor) -> bool:
     """Whether ``x`` is known to hold no infinity and no NaN without a pass that allocates.
 
-    On CPU (outside compilation) one ``aminmax`` read answers it exactly: NaN propagates into
+    On CPU (outside compilation and fake tensors) one ``aminmax`` read answers it exactly: NaN propagates into
     both results and an infinity is the minimum or the maximum. Elsewhere this says ``False``
     (unknown), so callers take their unconditional path without a host synchronisation.
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
+        return False  # no values to read (compiling, fake tensors): unknown
     if x.numel() == 0:
         return True
     low, high = torch.aminmax(x)
