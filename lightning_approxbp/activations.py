@@ -3,12 +3,15 @@
 Each entry names an activation and gives what the rest of the package needs of it:
 
 - ``kernel_id``: the value of the Triton kernels' ``ACTIVATION`` switch;
-- ``torch_forward``: torch's own op, what the PyTorch path and the conversion's behavioural
-  matching compute (fp32 internally for 16-bit inputs, like torch's fused kernels), with
-  infinite inputs mapped to the function's limits (below);
+- ``torch_op``: torch's own op (fp32 internally for 16-bit inputs, like torch's fused kernels),
+  as it computes at every finite input;
+- ``torch_forward``: ``torch_op`` with infinite inputs mapped to the function's limits (below):
+  what the PyTorch path and the conversion's behavioural matching compute;
 - ``formula``: the same function in elementary operations, exact in any dtype (the fp64
   references of the tests use it);
-- ``derivative``: the exact ``h'(x)``, which the step tables approximate.
+- ``derivative``: the exact ``h'(x)``, which the step tables approximate;
+- ``torch_backward``: ``grad * h'(x)`` as one fused torch kernel (``aten.silu_backward``,
+  ``aten.gelu_backward``), or ``None`` where torch has none.
 
 Non-finite inputs have one meaning everywhere (both backends, every CPU): every activation here
 tends to ``+inf`` at ``+inf`` and to ``0`` at ``-inf``, and those limits are its values there;
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -48,24 +51,45 @@ class Activation:
 
     name: str
     kernel_id: int
-    torch_forward: Callable[[Tensor], Tensor]
+    torch_op: Callable[[Tensor], Tensor]
     formula: Callable[[Tensor], Tensor]
     derivative: Callable[[Tensor], Tensor]
+    torch_backward: Callable[[Tensor, Tensor], Tensor] | None = None
+    torch_forward: Callable[[Tensor], Tensor] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "torch_forward", at_infinity_limits(self.torch_op))
+
+
+def known_finite(x: Tensor) -> bool:
+    """Whether ``x`` is known to hold no infinity and no NaN without a pass that allocates.
+
+    On CPU (outside compilation and fake tensors) one ``aminmax`` read answers it exactly: NaN propagates into
+    both results and an infinity is the minimum or the maximum. Elsewhere this says ``False``
+    (unknown), so callers take their unconditional path without a host synchronisation.
+    """
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
+        return False  # no values to read (compiling, fake tensors): unknown
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return bool(low.isfinite() & high.isfinite())
+
+
+def limits_at_infinity(x: Tensor, y: Tensor) -> Tensor:
+    """``y = op(x)`` with ``+inf`` inputs mapped to ``+inf`` and ``-inf`` inputs to ``0``."""
+    return torch.where(x.isinf(), x.clamp(min=0).to(y.dtype), y)
 
 
 def at_infinity_limits(op: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """``op`` with ``+inf`` inputs mapped to ``+inf`` and ``-inf`` inputs to ``0``."""
 
     def forward(x: Tensor) -> Tensor:
+        # On CPU, one reduction that rules out infinities is much cheaper than the select it
+        # saves; elsewhere (and while compiling) the select runs, without a data-dependent branch.
+        finite = known_finite(x)
         y = op(x)
-        infinite = x.isinf()
-        # On CPU, a test for any infinity is cheaper than the select it saves; elsewhere (and
-        # while compiling or on fake tensors) the select runs unconditionally, without a
-        # data-dependent branch.
-        tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
-        if x.device.type == "cpu" and not tracing and not infinite.any():
-            return y
-        return torch.where(infinite, x.clamp(min=0).to(y.dtype), y)
+        return y if finite else limits_at_infinity(x, y)
 
     forward.__name__ = getattr(op, "__name__", "forward")
     return forward
@@ -103,28 +127,31 @@ _REGISTRY: dict[str, Activation] = {
         Activation(
             "gelu",
             kernel_id=0,
-            torch_forward=at_infinity_limits(F.gelu),
+            torch_op=F.gelu,
             formula=lambda x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0))),
             derivative=_gelu_derivative,
+            torch_backward=torch.ops.aten.gelu_backward,
         ),
         Activation(
             "gelu_tanh",
             kernel_id=1,
-            torch_forward=at_infinity_limits(lambda x: F.gelu(x, approximate="tanh")),
+            torch_op=lambda x: F.gelu(x, approximate="tanh"),
             formula=lambda x: 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + _TANH_CUBIC * x**3))),
             derivative=_gelu_tanh_derivative,
+            torch_backward=lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="tanh"),
         ),
         Activation(
             "silu",
             kernel_id=2,
-            torch_forward=at_infinity_limits(F.silu),
+            torch_op=F.silu,
             formula=lambda x: x * torch.sigmoid(x),
             derivative=_sigmoid_gate_derivative(1.0),
+            torch_backward=torch.ops.aten.silu_backward,
         ),
         Activation(
             "quick_gelu",
             kernel_id=3,
-            torch_forward=at_infinity_limits(_quick_gelu),
+            torch_op=_quick_gelu,
             formula=lambda x: x * torch.sigmoid(_QUICK_GELU_ALPHA * x),
             derivative=_sigmoid_gate_derivative(_QUICK_GELU_ALPHA),
         ),

@@ -27,17 +27,20 @@ OP_NAME = "affine_linear"
 
 
 def _affine(x: Tensor, gamma: Tensor | None, beta: Tensor | None, offset: float) -> Tensor:
-    """``x * (gamma + offset) + beta`` computed in fp32 (fp64 for fp64) and rounded once to ``x.dtype``."""
+    """``x * (gamma + offset) + beta`` computed in fp32 (fp64 for fp64) and rounded once to ``x.dtype``.
+
+    The fp32 parameters make the op compute in fp32 with ``x`` widened on the fly, and the
+    result is rounded into an ``x.dtype`` output: one pass, no widened copy of ``x``.
+    """
     if gamma is None and beta is None:
         return x
-    work = x.to(compute_dtype(x.dtype))
+    work = compute_dtype(x.dtype)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if gamma is not None and beta is not None:
-        work = torch.addcmul(beta.to(work.dtype), work, gamma.to(work.dtype) + offset)
-    elif gamma is not None:
-        work = work * (gamma.to(work.dtype) + offset)
-    elif beta is not None:
-        work = work + beta.to(work.dtype)
-    return work.to(x.dtype)
+        return torch.addcmul(beta.to(work), x, gamma.to(work) + offset, out=out)
+    if gamma is not None:
+        return torch.mul(x, gamma.to(work) + offset, out=out)
+    return torch.add(x, beta.to(work), out=out)
 
 
 def _matmul(z: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
@@ -94,14 +97,23 @@ class AffineLinearFunction(torch.autograd.Function):
                 grad_bias = grad_rows.sum(dim=0).to(bias.dtype)
             if needs_x or needs_gamma or needs_beta:
                 w = weight.to(x_c.dtype)
-                grad_z = (grad_rows @ (w.t() if transposed else w)).to(compute_dtype(x_c.dtype))
+                grad_z = grad_rows @ (w.t() if transposed else w)
+                work = compute_dtype(x_c.dtype)
                 if needs_x:
-                    scale = 1.0 if gamma is None else gamma.to(grad_z.dtype) + offset
-                    grad_x = (grad_z * scale).to(input_dtype).view(x_c.shape)
-                if needs_gamma and gamma is not None:
-                    grad_gamma = (grad_z * x_c.reshape(-1, n_in).to(grad_z.dtype)).sum(dim=0).to(gamma.dtype)
-                if needs_beta and beta is not None:
-                    grad_beta = grad_z.sum(dim=0).to(beta.dtype)
+                    if gamma is None:
+                        grad_x = grad_z.to(input_dtype)
+                    else:
+                        # Computed in fp32 (the parameter's dtype), rounded once into the input's dtype.
+                        scale = gamma.to(work) + offset
+                        grad_x = torch.mul(grad_z, scale, out=grad_z.new_empty(grad_z.shape, dtype=input_dtype))
+                    grad_x = grad_x.view(x_c.shape)
+                if (needs_gamma and gamma is not None) or (needs_beta and beta is not None):
+                    wide = grad_z.to(work)
+                    if needs_gamma and gamma is not None:
+                        # A product of fp32 and the 16-bit input (widened on the fly) is exact.
+                        grad_gamma = torch.mul(wide, x_c.reshape(-1, n_in)).sum(dim=0).to(gamma.dtype)
+                    if needs_beta and beta is not None:
+                        grad_beta = wide.sum(dim=0).to(beta.dtype)
         grads = guard_double_backward((grad_x, grad_gamma, grad_beta, grad_weight, grad_bias), grad_output, OP_NAME)
         return (*grads, None, None, None, None)
 

@@ -10,7 +10,8 @@ very same mask again with the very same call (``torch.dropout`` on a tensor of o
   converted model reproduces the original's training run (and ``seed_everything``) exactly,
   and conversion-time verification compares like with like;
 - the gradient is ``grad * mask / (1 - p)``, bit-identical to stock dropout's;
-- the backward pass redraws the mask: one random-number pass over the input's size.
+- the backward pass redraws the mask: one random-number pass over the input's size (drawn on
+  the incoming gradient itself, so the redraw and the product are one call).
 """
 
 from __future__ import annotations
@@ -46,10 +47,16 @@ class RegeneratedDropoutFunction(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.rng_state, ctx.device)
             else:
                 torch.set_rng_state(ctx.rng_state)
-            # The forward's call again, on ones: its output is the scaled mask itself.
-            ones = torch.empty_strided(ctx.shape, ctx.strides, dtype=ctx.dtype, device=ctx.device).fill_(1)
-            scaled_mask = torch.dropout(ones, ctx.p, True)
-            grad_input = grad_output * scaled_mask
+            if grad_output.dtype == ctx.dtype and grad_output.stride() == ctx.strides:
+                # The forward's call again, on the gradient itself: it draws the mask in the same
+                # memory order and returns ``grad * scaled_mask``, stock dropout's gradient,
+                # with no tensor of ones and no separate product.
+                grad_input = torch.dropout(grad_output, ctx.p, True)
+            else:
+                # Another layout (an expanded gradient): redraw on ones in the forward's layout,
+                # which yields the scaled mask itself.
+                ones = torch.empty_strided(ctx.shape, ctx.strides, dtype=ctx.dtype, device=ctx.device).fill_(1)
+                grad_input = grad_output * torch.dropout(ones, ctx.p, True)
         (grad_input,) = guard_double_backward((grad_input,), grad_output, OP_NAME)
         return grad_input, None
 

@@ -85,30 +85,41 @@ def _torch_backward(
     weight_clamp: float,
     input_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # Every op below computes in the compute dtype: a 16-bit ``y`` meets an fp32 operand and is
+    # widened on the fly (exactly), so no widened copy of it is made; ops on tensors made here
+    # run in place.
     dtype = rstd.dtype
-    dy = grad_output.to(dtype)
-    x_hat = y.to(dtype)
     gamma = None if weight is None else weight.to(dtype) + offset
     beta = None if bias is None else bias.to(dtype)
+    divisor = None if gamma is None else clamp_away_from_zero(gamma, weight_clamp)
     if beta is not None:
-        x_hat = x_hat - beta
-    if gamma is not None:
-        x_hat = x_hat / clamp_away_from_zero(gamma, weight_clamp)
-    n_cols = (y.shape[-1],)
-    unit = torch.ones(y.shape[0], 1, dtype=dtype, device=y.device)
+        x_hat = torch.sub(y, beta)
+        if divisor is not None:
+            x_hat.div_(divisor)
+    elif divisor is not None:
+        x_hat = torch.div(y, divisor)
+    else:
+        x_hat = y
+    dy = grad_output.to(dtype)
     mask = [True, gamma is not None, beta is not None]
     if centered:
+        n_cols = (y.shape[-1],)
+        unit = torch.ones(y.shape[0], 1, dtype=dtype, device=y.device)
         dx, dgamma, dbeta = torch.ops.aten.native_layer_norm_backward(
-            dy, x_hat, n_cols, torch.zeros_like(unit), unit, gamma, beta, mask
+            dy, x_hat.to(dtype), n_cols, torch.zeros_like(unit), unit, gamma, beta, mask
         )
     else:
         dy_hat = dy if gamma is None else dy * gamma
-        dx = dy_hat - x_hat * (dy_hat * x_hat).mean(dim=-1, keepdim=True)
-        dgamma = None if gamma is None else (dy * x_hat).sum(dim=0)
+        projection = torch.mul(dy_hat, x_hat).mean(dim=-1, keepdim=True)
+        dx = torch.mul(x_hat, projection)
+        dx = torch.sub(dy_hat, dx, out=dx)
+        dgamma = None if gamma is None else torch.mul(dy, x_hat).sum(dim=0)
         dbeta = None
     grad_weight = _empty_like_optional(weight, y.device) if dgamma is None else dgamma.to(weight.dtype)
     grad_bias = _empty_like_optional(bias, y.device) if dbeta is None else dbeta.to(bias.dtype)
-    return (dx * rstd.unsqueeze(-1)).to(input_dtype), grad_weight, grad_bias
+    # dx is ours: scale it in place, or round it once into the input's dtype.
+    out = dx if input_dtype == dx.dtype else torch.empty_like(dx, dtype=input_dtype)
+    return torch.mul(dx, rstd.unsqueeze(-1), out=out), grad_weight, grad_bias
 
 
 # ----------------------------------------------------------------------------- torch.library
