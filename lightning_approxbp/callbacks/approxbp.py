@@ -19,13 +19,17 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from typing_extensions import override
 
 from lightning_approxbp.conversion import ConversionConfig, ConversionReport, convert
-from lightning_approxbp.conversion.config import DEFAULT_MIN_KEEP_WEIGHT
 from lightning_approxbp.conversion.probe import ProbeFn, probe_from_example
-from lightning_approxbp.conversion.sharding import describe, sharded_modules
+from lightning_approxbp.conversion.sharded import (
+    describe,
+    sharded_modules,
+    why_not_convertible,
+)
+from lightning_approxbp.conversion.structure import has_no_values
 from lightning_approxbp.conversion.walker import ModuleFilter
 from lightning_approxbp.errors import ProbeError
 from lightning_approxbp.memory import (
@@ -55,12 +59,14 @@ class ApproxBP(Callback):
     When fitting, the LightningModule is converted in place by
     :func:`~lightning_approxbp.conversion.convert` right after its own ``setup`` and
     ``configure_model`` hooks (so layers built there are included) and before the device move,
-    DDP/FSDP wrapping and ``configure_optimizers``. Under ``ModelParallelStrategy``, where
-    ``configure_model`` shards (FSDP2 ``fully_shard``, tensor parallelism) and modules replaced
-    after it would break the sharding, the layers built in ``__init__``/``setup`` are converted
-    before ``configure_model`` runs; layers that ``configure_model`` builds and shards itself
-    need ``convert(...)`` called there before ``fully_shard`` (the callback then leaves the
-    model alone, and says so with an error otherwise):
+    DDP/FSDP wrapping and ``configure_optimizers``. Under ``ModelParallelStrategy`` layers built
+    in ``__init__``/``setup`` are converted before ``configure_model`` runs, and layers that
+    ``configure_model`` builds (real, ``init_module(empty_init=True)`` or on the meta device) and
+    shards with FSDP2's ``fully_shard`` are converted after it: decided on a meta-device copy,
+    one plan per block kind, with no full-model forward and nothing gathered (see
+    :mod:`~lightning_approxbp.conversion.sharded`); Lightning's materialisation and checkpoint
+    loading then work as without the callback. A model the user converted by hand in
+    ``configure_model`` is left alone and the report says so:
 
     - GELU/SiLU-family activations keep their exact forward and save ``bits`` per element for
       a step-function derivative (the only approximation: gradients through activations);
@@ -84,24 +90,30 @@ class ApproxBP(Callback):
 
     The report is printed once on rank zero and kept as :attr:`report`.
 
+    Every conversion keyword left at ``None`` takes the default of
+    :class:`~lightning_approxbp.conversion.ConversionConfig` (shown in brackets).
+
     Args:
-        activations: convert activations.
-        norms: convert norms.
-        gated_mlp: fuse gated MLPs' down projections (saves gate and up outputs only; exact).
-        dropout: make ``nn.Dropout`` modules redraw their mask in backward instead of saving it.
+        activations: convert activations (``True``).
+        norms: convert norms (``True``).
+        gated_mlp: fuse gated MLPs' down projections (saves gate and up outputs only; exact) (``True``).
+        dropout: make ``nn.Dropout`` modules redraw their mask in backward instead of saving it (``True``).
         share_norm_output: post-LN blocks: linears reading a norm's output save that tensor (which
-            the norm saves anyway) rather than their own autocast copy; bit-identical.
-        bits: bits per activation element (1, 2 or 4).
-        table: ``"fitted"``, ``"paper"`` or a :class:`~lightning_approxbp.tables.StepTable`.
+            the norm saves anyway) rather than their own autocast copy; bit-identical (``True``).
+        bits: bits per activation element: 1, 2 or 4 (``2``).
+        table: ``"fitted"``, ``"paper"`` or a :class:`~lightning_approxbp.tables.StepTable` (``"fitted"``).
         affine: ``"auto"``, ``"merge"`` or ``"keep"``; see
-            :class:`~lightning_approxbp.conversion.ConversionConfig`.
-        verify: check the converted output on the probe batch; raise if it differs.
+            :class:`~lightning_approxbp.conversion.ConversionConfig` (``"auto"``).
+        fused_loss: compute a causal LM's training loss with the fused linear + cross-entropy:
+            ``"auto"``, ``True`` or ``False`` (``"auto"``).
+        verify: check the converted output on the probe batch; raise if it differs (``True``).
         filter: ``(module, fqn) -> bool`` choosing which norms/activations are considered.
         example_input: a forward input used as the probe batch.
-        min_keep_weight: smallest ``|weight|`` for which a norm keeps its affine.
-        tolerance: relative output error accepted by ``verify`` (default per dtype).
+        min_keep_weight: smallest ``|weight|`` for which a norm keeps its affine (``1e-2``).
+        tolerance: relative output error accepted by ``verify`` (per dtype).
         config: all of the conversion options above as one
-            :class:`~lightning_approxbp.conversion.ConversionConfig`, instead of the arguments.
+            :class:`~lightning_approxbp.conversion.ConversionConfig`, instead of the keywords
+            (giving both is an error that names the keywords).
         probe_samples: how many samples of the first train batch the ``training_step`` probe
             runs on (``example_input`` and ``example_input_array`` are used as given).
         memory_budget: after conversion, checkpoint the fewest blocks (children of the model's
@@ -117,7 +129,7 @@ class ApproxBP(Callback):
             ``memory_budget``; at setup, for a budget that cannot be met (the message gives the
             smallest reachable peak).
         RuntimeError: at conversion if verification finds a different output, or when modules are
-            already managed by FSDP or tensor parallelism (the message says how to convert first).
+            sharded by FSDP1 or tensor parallelism (the message says how to convert first).
 
     Example::
 
@@ -132,18 +144,19 @@ class ApproxBP(Callback):
 
     def __init__(
         self,
-        activations: bool = True,
-        norms: bool = True,
-        gated_mlp: bool = True,
-        dropout: bool = True,
-        share_norm_output: bool = True,
-        bits: int = 2,
-        table: StepTable | str = "fitted",
-        affine: str = "auto",
-        verify: bool = True,
+        activations: bool | None = None,
+        norms: bool | None = None,
+        gated_mlp: bool | None = None,
+        dropout: bool | None = None,
+        share_norm_output: bool | None = None,
+        bits: int | None = None,
+        table: StepTable | str | None = None,
+        affine: str | None = None,
+        fused_loss: bool | str | None = None,
+        verify: bool | None = None,
         filter: ModuleFilter | None = None,
         example_input: Any = None,
-        min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT,
+        min_keep_weight: float | None = None,
         tolerance: float | None = None,
         config: ConversionConfig | None = None,
         probe_samples: int = 2,
@@ -163,13 +176,13 @@ class ApproxBP(Callback):
             "bits": bits,
             "table": table,
             "affine": affine,
+            "fused_loss": fused_loss,
             "verify": verify,
             "min_keep_weight": min_keep_weight,
             "tolerance": tolerance,
         }
-        defaults = ConversionConfig()
-        changed = {name: value for name, value in options.items() if value != getattr(defaults, name)}
-        self.config = ConversionConfig.build(config, **changed) if config is not None else ConversionConfig(**options)
+        # Built once; a keyword given together with `config` is an error that names it.
+        self.config = ConversionConfig.build(config, **{name: value for name, value in options.items() if value is not None})
         self._filter = filter
         self._example_input = example_input
         self._probe_samples = probe_samples
@@ -205,27 +218,31 @@ class ApproxBP(Callback):
         return hook_then_convert
 
     def _convert_before_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[..., Any]:
-        """Under ``ModelParallelStrategy``, convert before the user's ``configure_model`` shards the model.
+        """Under ``ModelParallelStrategy``: convert what exists before the user's ``configure_model``
+        shards it, and what ``configure_model`` builds after it (sharded or not).
 
-        ``fully_shard`` (FSDP2) and tensor parallelism keep (module, parameter name) pairs and
-        swap parameters in and out around each forward, so modules replaced after them break.
-        Layers built in ``__init__``/``setup`` are converted before ``configure_model`` runs;
-        when the model has no layers yet (all built in ``configure_model``), it is converted after
-        ``configure_model`` if that left it unsharded, else :func:`_refuse_sharded` says what to do.
+        Layers built in ``__init__``/``setup`` are converted before, with their real values; when
+        ``configure_model`` builds layers, the model is converted (again: what is converted stays
+        as it is) after it, or, if the user called ``convert`` there, only reported.
         """
         original = pl_module.configure_model
 
-        def convert_then_hook(*args: Any, **kwargs: Any) -> Any:
+        def convert_around_hook(*args: Any, **kwargs: Any) -> Any:
             _drop_pending(pl_module)
-            built = any(True for _ in pl_module.parameters())
-            if built:
+            before = {id(module) for module in pl_module.modules()}
+            if any(True for _ in pl_module.parameters()):
                 self._convert(trainer, pl_module)
+                before = {id(module) for module in pl_module.modules()}
             output = original(*args, **kwargs)
-            if not built and not _converted_by_user(pl_module):
+            built = [m for m in pl_module.modules() if id(m) not in before and any(True for _ in m.parameters(False))]
+            if built and self.report is None and _converted_by_user(pl_module):
+                self.report = _report_user_conversion(pl_module)
+                rank_zero_info(str(self.report))
+            elif built:
                 self._convert(trainer, pl_module)
             return output
 
-        return convert_then_hook
+        return convert_around_hook
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -245,9 +262,14 @@ class ApproxBP(Callback):
                 failure = error.__cause__.__cause__
         else:
             if failure is not None:
+                shapes_only = (
+                    " On a model without values (meta device, or sharded: the probe then runs on shapes only) "
+                    "training_step cannot read values, e.g. `loss.item()`."
+                    if has_no_values(pl_module) or sharded_modules(pl_module) else ""
+                )
                 rank_zero_warn(
                     f"ApproxBP: training_step could not run on the probe batch at setup ({failure!r}); "
-                    "converting without a probe. Set `example_input_array` for the full conversion."
+                    f"converting without a probe.{shapes_only} Set `example_input_array` for the full conversion."
                 )
             report = convert(pl_module, config=self.config, filter=self._filter)
         self.report = report
@@ -309,16 +331,31 @@ class ApproxBP(Callback):
 
 
 def _refuse_sharded(pl_module: pl.LightningModule) -> None:
-    """Raise when FSDP (1 or 2) or tensor parallelism already manage modules: replacing them now would break them."""
+    """Raise when FSDP1 or tensor parallelism already manage modules: replacing them now would break them
+    (FSDP2's ``fully_shard`` is followed, see :mod:`~lightning_approxbp.conversion.sharded`)."""
     sharded = sharded_modules(pl_module)
-    if sharded:
+    why = why_not_convertible(pl_module) if sharded else None
+    if why is not None:
         raise RuntimeError(
-            f"ApproxBP must convert the model before it is sharded, but {describe(sharded)} are already managed by FSDP or "
-            "tensor parallelism (e.g. `fully_shard` in `configure_model`): they keep (module, parameter name) pairs, "
-            "so modules replaced now would break them. Build the layers in `__init__` or `setup` (the callback then "
-            "converts them before `configure_model` runs), or call `lightning_approxbp.convert(model, example_input)` "
-            "in `configure_model` before `fully_shard`/`parallelize_module` (the callback then leaves the model alone)."
+            f"ApproxBP must convert the model before it is sharded here: {describe(sharded)} are sharded and {why}, "
+            "which keeps per-module state that replaced modules would break. Build the layers in `__init__` or "
+            "`setup` (the callback then converts them before `configure_model` runs), or call "
+            "`lightning_approxbp.convert(model, example_input)` in `configure_model` before "
+            "`parallelize_module`/FSDP (the callback then leaves the model alone)."
         )
+
+
+def _report_user_conversion(pl_module: pl.LightningModule) -> ConversionReport:
+    """What the user's own ``convert`` call in ``configure_model`` left in the model."""
+    report = ConversionReport(probe="none: converted by the user")
+    for fqn, module in pl_module.named_modules():
+        if type(module).__module__.startswith("lightning_approxbp."):
+            report.add(fqn, type(module).__name__, "unchanged", reason="converted by the user (convert() in configure_model)")
+    report.notes.append(
+        "the model was converted in configure_model before ApproxBP saw it; ApproxBP changed nothing "
+        "(its options do not apply)."
+    )
+    return report
 
 
 def _converted_by_user(pl_module: pl.LightningModule) -> bool:
@@ -368,8 +405,10 @@ def _first_samples(batch: Any, samples: int) -> Any:
 def _training_step_probe(batch: Any) -> ProbeFn:
     def probe(module: nn.Module) -> Any:
         module.log = module.log_dict = _ignore  # type: ignore[method-assign]
+        # a model without values (meta device, or the skeleton of a sharded one) runs on shapes only
+        inputs = tree_map(_to_meta, batch) if has_no_values(module) else batch
         try:
-            output = module.training_step(batch, 0)
+            output = module.training_step(inputs, 0)
         except Exception as error:
             raise ProbeUnavailable from error
         finally:
@@ -377,6 +416,10 @@ def _training_step_probe(batch: Any) -> ProbeFn:
         return output["loss"] if isinstance(output, dict) else output
 
     return probe
+
+
+def _to_meta(leaf: Any) -> Any:
+    return leaf.to("meta") if isinstance(leaf, Tensor) else leaf
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:

@@ -57,7 +57,12 @@ from lightning_approxbp.conversion.probe import (
     run_probe,
 )
 from lightning_approxbp.conversion.report import ConversionReport
-from lightning_approxbp.conversion.sharding import describe, sharded_modules
+from lightning_approxbp.conversion.sharded import (
+    convert_sharded,
+    describe,
+    sharded_modules,
+    why_not_convertible,
+)
 from lightning_approxbp.conversion.structure import (
     StructureCache,
     has_no_values,
@@ -73,6 +78,11 @@ _NO_PROBE_NOTE = (
     "no probe batch: the uses of norm outputs were not traced, so no affine was merged (norms with safe "
     "weights keep their affine), the output was not verified and saved bytes were not measured. Pass "
     "example_input (or set example_input_array) for the full conversion."
+)
+
+_SHARDED_NOTE = (
+    "converted after fully_shard: decided on a meta-device copy of the model (nothing gathered), then the "
+    "replacements were given the sharded parameters and FSDP2 was pointed at them."
 )
 
 
@@ -471,8 +481,10 @@ def convert(
         The :class:`~lightning_approxbp.conversion.report.ConversionReport`.
 
     Raises:
-        ValueError: for conflicting or unknown options, or a model already sharded (FSDP, tensor
-            parallelism): convert first, then shard.
+        ValueError: for conflicting or unknown options, or a model sharded by FSDP1 or tensor
+            parallelism (convert first, then shard). A model sharded with FSDP2's ``fully_shard``
+            is converted: decided on a meta-device copy, its replacements hold the sharded
+            parameters (see :mod:`~lightning_approxbp.conversion.sharded`).
         ProbeError: (a ``ValueError``) when the model rejects ``example_input`` (or ``probe``
             fails); the model's own error is chained and the model is unchanged.
         RuntimeError: if ``verify`` finds a different output (the model is then left unconverted).
@@ -489,15 +501,24 @@ def convert(
         True
     """
     config = ConversionConfig.build(config, **options)
-    sharded = sharded_modules(module)
-    if sharded:
-        raise ValueError(
-            f"convert() must run before sharding, but {describe(sharded)} are already managed by FSDP or tensor "
-            "parallelism: they keep (module, parameter name) pairs, so replaced modules would break them. Call "
-            "convert(model, example_input) first, then fully_shard / FSDP / parallelize_module."
-        )
     if example_input is not None and probe is not None:
         raise ValueError("Pass either example_input or probe, not both.")
+    sharded = sharded_modules(module)
+    if sharded:
+        why = why_not_convertible(module)
+        if why is not None:
+            raise ValueError(
+                f"convert() must run before sharding here: {describe(sharded)} are sharded and {why}, which keeps "
+                "per-module state that replaced modules would break. Call convert(model, example_input) first, "
+                "then shard (fully_shard / FSDP / parallelize_module)."
+            )
+
+        def convert_skeleton(skeleton: nn.Module) -> ConversionReport:
+            return convert(skeleton, example_input, config=config, filter=filter, probe=probe, probe_label=probe_label)
+
+        report = convert_sharded(module, convert_skeleton)
+        report.notes.append(_SHARDED_NOTE)
+        return report
     has_values = not has_no_values(module)
     if probe is None and example_input is not None:
         # A model without values runs on meta inputs (shapes only), whatever device the batch is on.

@@ -44,6 +44,7 @@ from lightning_approxbp.conversion.probe import (
     run_probe,
 )
 from lightning_approxbp.conversion.report import ConversionReport
+from lightning_approxbp.conversion.structure import has_no_values
 from lightning_approxbp.ops.linear_cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -344,6 +345,12 @@ def apply_fused_loss(
                 report.notes.append(f"{label}: loss not fused: {why}.")  # nothing was examined: a note
             else:
                 report.add(label, kind, "skipped", reason=f"loss not fused: {why}")
+            continue
+        if has_no_values(model):
+            report.add(label, kind, "skipped", reason=(
+                "loss not fused: the model has no values here (meta device, or the meta copy of a sharded "
+                "model), so the fused loss cannot be checked against the model's own; convert it with real "
+                "weights before sharding to fuse it"))
             continue
         fused = FusedLoss(model)
         try:

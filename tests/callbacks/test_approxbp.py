@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_approxbp import ApproxBP, convert
+from lightning_approxbp import ApproxBP, ConversionConfig, convert
 from lightning_approxbp.conversion.gated_mlp import FusedGatedMLP
 from lightning_approxbp.conversion.norms import ConvertedRMSNorm
 from tests.distributed import run_script
@@ -354,6 +354,16 @@ def test_nothing_to_convert_warns() -> None:
 def test_conflicting_options_fail_at_construction(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ApproxBP(**options)
+
+
+def test_a_keyword_given_with_a_config_is_an_error_that_names_it() -> None:
+    config = ConversionConfig(verify=False)
+    # verify=True is the default value, and still a conflict: the config says otherwise
+    with pytest.raises(ValueError, match=r"or the options \(fused_loss, verify\), not both"):
+        ApproxBP(config=config, verify=True, fused_loss=False)
+    assert ApproxBP(config=config).config is config
+    assert ApproxBP(fused_loss=False, bits=4).config == ConversionConfig(fused_loss=False, bits=4)
+    assert ApproxBP().config == ConversionConfig()
 
 
 def test_checkpoint_loads_strictly_into_the_unconverted_module_and_resume_continues(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -37,7 +38,7 @@ class LitBlocks(LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(_block(), _block(), nn.Linear(WIDTH, 1))
-        self.losses: list[float] = []
+        self.losses: list[Tensor] = []
 
     def configure_model(self) -> None:
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
@@ -52,7 +53,7 @@ class LitBlocks(LightningModule):
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss = nn.functional.mse_loss(self.net(x).float(), y)
-        self.losses.append(loss.item())
+        self.losses.append(loss.detach())  # no .item(): the probe of a sharded model runs on shapes only
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -91,7 +92,7 @@ def fit(strategy: str, out: str) -> None:
     trainer.fit(model)
     params = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    result = {"losses": model.losses, "converted": len(callback.report.converted), "sharded": sharded}
+    result = {"losses": [loss.item() for loss in model.losses], "converted": len(callback.report.converted), "sharded": sharded}
     torch.save(result, os.path.join(out, f"{strategy}_rank{trainer.global_rank}.pt"))
     if trainer.global_rank == 0:
         torch.save({n: p.detach().clone() for n, p in params.items()}, os.path.join(out, f"{strategy}_params.pt"))
@@ -147,34 +148,41 @@ def test_layers_built_in_init_are_converted_before_configure_model_shards_them()
     assert len(callback.report.converted) == 6
     assert all(isinstance(block[1], AffineMergedLinear) for block in model.net[:2])  # replaced before fully_shard
     assert all(isinstance(p, DTensor) for p in model.parameters())
-    assert len(model.losses) == 2 and all(torch.isfinite(torch.tensor(model.losses)))
+    assert len(model.losses) == 2 and bool(torch.stack(model.losses).isfinite().all())
 
 
 @pytest.mark.usefixtures("one_process_group")
-def test_layers_built_and_sharded_in_configure_model_fail_with_instructions() -> None:
-    with pytest.raises(RuntimeError, match=r"call `lightning_approxbp.convert\(model, example_input\)` in `configure_model` before `fully_shard`"):
-        _fit_one_device(LitBuiltInConfigureModel(), ApproxBP())
+def test_layers_built_and_sharded_in_configure_model_are_converted() -> None:
+    model, callback = LitBuiltInConfigureModel(), ApproxBP()
+    _fit_one_device(model, callback)
+    assert len(callback.report.converted) == 6
+    assert any("after fully_shard" in note for note in callback.report.notes)
+    assert all(isinstance(block[1], AffineMergedLinear) for block in model.net[:2])
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert len(model.losses) == 2 and bool(torch.stack(model.losses).isfinite().all())
 
 
 @pytest.mark.usefixtures("one_process_group")
-def test_a_model_converted_in_configure_model_before_fully_shard_is_left_alone() -> None:
+def test_a_model_converted_in_configure_model_before_fully_shard_is_reported_as_the_users() -> None:
     model, callback = LitBuiltInConfigureModel(convert_first=True), ApproxBP()
     _fit_one_device(model, callback)
-    assert callback.report is None  # the user's own convert() did the work
+    assert not callback.report.converted and callback.report.probe == "none: converted by the user"
+    assert {row.fqn for row in callback.report.rows} == {"net.0.0", "net.0.1", "net.0.2", "net.1.0", "net.1.1", "net.1.2"}
+    assert {row.reason for row in callback.report.rows} == {"converted by the user (convert() in configure_model)"}
     assert isinstance(model.net[0][1], AffineMergedLinear) and len(model.losses) == 2
 
 
-def test_convert_refuses_a_model_already_sharded_with_fully_shard(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plain PyTorch: replacing modules after fully_shard would break FSDP2; convert says to convert first."""
-    import torch.distributed as dist
+class LitTensorParallel(LitBuiltInConfigureModel):
+    """Builds in ``configure_model`` and splits a linear layer by tensor parallelism there."""
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29531")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        model = _block()
-        fully_shard(model)
-        with pytest.raises(ValueError, match="convert\\(\\) must run before sharding"):
-            convert(model, torch.randn(2, WIDTH))
-    finally:
-        dist.destroy_process_group()
+    def configure_model(self) -> None:
+        if not hasattr(self, "net"):
+            torch.manual_seed(0)
+            self.net = nn.Sequential(_block(), _block(), nn.Linear(WIDTH, 1))
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"], {"0.1": ColwiseParallel()})
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_model_split_by_tensor_parallelism_in_configure_model_fails_with_instructions() -> None:
+    with pytest.raises(RuntimeError, match=r"tensor parallelism.*call `lightning_approxbp.convert\(model, example_input\)` in `configure_model`"):
+        _fit_one_device(LitTensorParallel(), ApproxBP())
