@@ -47,11 +47,15 @@ def _llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(CONFIG)
 
 
-def _shard(model: LlamaForCausalLM, checkpointed: bool = False) -> LlamaForCausalLM:
+def _shard(model: LlamaForCausalLM, checkpointed: str = "") -> LlamaForCausalLM:
+    """``fully_shard`` each layer and the root; ``checkpointed``: wrap each layer for activation
+    checkpointing ``"before"`` or ``"after"`` sharding it."""
     for index, layer in enumerate(model.model.layers):
-        if checkpointed:
+        if checkpointed == "before":
             layer = model.model.layers[index] = checkpoint_wrapper(layer)
         fully_shard(layer)
+        if checkpointed == "after":
+            model.model.layers[index] = checkpoint_wrapper(layer)
     fully_shard(model)
     return model
 
@@ -106,15 +110,16 @@ def test_converting_after_fully_shard_equals_converting_before() -> None:
 
 
 @pytest.mark.usefixtures("process_group")
-@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpoint_wrapper"])
-def test_a_meta_model_sharded_then_converted_trains_as_the_real_one_after_loading_weights(checkpointed: bool) -> None:
+@pytest.mark.parametrize("checkpointed", ["", "before", "after"], ids=["plain", "checkpointed_first", "sharded_first"])
+def test_a_meta_model_sharded_then_converted_trains_as_the_real_one_after_loading_weights(checkpointed: str) -> None:
     weights = _llama().state_dict()
     with torch.device("meta"):
         model = LlamaForCausalLM(CONFIG)
     _shard(model, checkpointed)
     convert(model, _ids())
     assert all(p.is_meta for p in model.parameters())
-    assert isinstance(model.model.layers[0].mlp if not checkpointed else model.model.layers[0].mlp, FusedGatedMLP)
+    layer = model.model.layers[0]
+    assert isinstance(getattr(layer, "_checkpoint_wrapped_module", layer).mlp, FusedGatedMLP)
     model.to_empty(device="cpu")
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
     rotary = model.model.rotary_emb
