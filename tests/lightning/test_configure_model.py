@@ -121,6 +121,9 @@ def _fit(out: str, build: str, steps: int, approxbp: bool, checkpointed: bool = 
         "losses": [loss.item() for loss in model.losses],
         "fused": isinstance(getattr(layer, "_checkpoint_wrapped_module", layer).mlp, FusedGatedMLP),
         "converted": None if callback.report is None else len(callback.report.converted),
+        "loss_row": None if callback.report is None else " ".join(
+            row.reason for row in callback.report.rows if row.fqn == "llama.lm_head" and row.action == "skipped"
+        ),
         "loaded": loaded.parameters,
         "final": _full_parameters(model),
     }
@@ -159,6 +162,7 @@ def test_configure_model_built_and_sharded_models_train_as_converted_by_hand(tmp
     assert len(expected) == STEPS and results["by_hand"]["converted"] is None
     for name in ("real", "empty_init", "checkpointed"):
         assert results[name]["fused"] and results[name]["converted"] == 18, name
+        assert "loss not fused: the model has no values here" in results[name]["loss_row"], name
         torch.testing.assert_close(results[name]["losses"][:STEPS], expected, rtol=1e-5, atol=0, msg=name)
     # The checkpoint loads exactly into the converted and the unconverted model, and resuming with
     # ApproxBP trains as resuming a model converted by hand. (Not compared with an uninterrupted run:
