@@ -536,7 +536,10 @@ def convert(
     kinds = block_kinds(conversion.sites, conversion.structure)
     # The whole output is compared where that is cheap and meaningful: a model with values and
     # few repeated blocks (its error grows with depth, and each block kind is checked anyway).
-    whole_model_check = has_values and all(len(kind.members) <= _WHOLE_MODEL_MAX_REPEATS for kind in kinds)
+    # Unverified (e.g. the twin of a block kind, converted only to be compared), nothing needs values.
+    whole_model_check = (
+        config.verify and has_values and all(len(kind.members) <= _WHOLE_MODEL_MAX_REPEATS for kind in kinds)
+    )
     # Without a whole-model comparison, the probe only traces and counts: fake tensors do that
     # without the arithmetic, and transformers skips its data-dependent checks on them (a model
     # whose forward needs values runs as it is instead).
