@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_approxbp.memory import CheckpointPlan
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 
 try:
@@ -46,6 +47,9 @@ class PeakMemoryMonitor(Callback):
       the epoch (statistics reset at epoch start and around validation).
     - ``peak_memory/val_allocated_bytes``, ``peak_memory/val_reserved_bytes`` (CUDA only, when
       validation ran in the epoch): the same for the validation run inside the epoch.
+    - ``peak_memory/predicted_peak_bytes`` (with an :class:`~lightning_approxbp.ApproxBP` callback
+      given a ``memory_budget``): the step peak its plan predicted (simulated on fake tensors),
+      to read beside the measured ``train_allocated_bytes`` on CUDA.
     - ``peak_memory/host_rss_bytes`` (where ``resource.getrusage`` exists: Linux, macOS): the
       process's resident-set high-water mark so far.
 
@@ -168,6 +172,9 @@ class PeakMemoryMonitor(Callback):
         host_rss = _host_rss_peak_bytes()
         if host_rss is not None:
             self._record("host_rss_bytes", host_rss)
+        predicted = _predicted_peak_bytes(trainer)
+        if predicted is not None:
+            self._record("predicted_peak_bytes", predicted)
         # float64 keeps byte counts exact past 2**24 (MPS has no float64).
         dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64
         for name, value in sorted(self._peaks.items()):
@@ -180,6 +187,13 @@ class PeakMemoryMonitor(Callback):
                 sync_dist=True,
                 reduce_fx="max",
             )
+
+
+def _predicted_peak_bytes(trainer: Trainer) -> int | None:
+    """The step peak that an ApproxBP memory-budget plan predicted, if one was made."""
+    plans = [getattr(callback, "memory_plan", None) for callback in trainer.callbacks]
+    peaks = [plan.after.peak_bytes for plan in plans if isinstance(plan, CheckpointPlan)]
+    return max(peaks) if peaks else None
 
 
 def _on_cuda(trainer: Trainer) -> bool:

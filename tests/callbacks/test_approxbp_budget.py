@@ -8,7 +8,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_approxbp import ApproxBP
+from lightning_approxbp import ApproxBP, PeakMemoryMonitor
 from lightning_approxbp.memory import StepSimulation, blocks_of, is_checkpointed
 
 pytestmark = pytest.mark.filterwarnings("ignore:Module is None", "ignore:.*does not have many workers")
@@ -74,6 +74,16 @@ def test_the_budget_plan_is_applied_after_conversion(example: bool):
     assert plan.after.peak_bytes <= (none + every) // 2 < plan.one_fewer_peak_bytes
     assert sorted(plan.blocks) == [name for name, m in blocks_of(module) if is_checkpointed(m)]
     assert callback.report is not None and callback.report.converted
+
+
+def test_the_peak_memory_monitor_logs_the_predicted_peak_of_the_plan():
+    none, every = _peaks(Stack(), example=False)
+    callback, monitor = ApproxBP(memory_budget=(none + every) // 2), PeakMemoryMonitor()
+    trainer = Trainer(callbacks=[callback, monitor], max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Stack())
+    predicted = trainer.callback_metrics["peak_memory/predicted_peak_bytes"]
+    assert int(predicted) == callback.memory_plan.after.peak_bytes
 
 
 def test_an_impossible_budget_fails_the_fit_with_the_smallest_peak():
