@@ -123,6 +123,8 @@ class ApproxBP(Callback):
             tensors on the device the model is on at setup (before the move to the accelerator)
             with the optimizer of ``configure_optimizers`` (AdamW if it cannot run there) on the
             whole batch the probe came from. The plan is kept as :attr:`memory_plan` and printed.
+            Not for a model sharded with ``fully_shard`` (the simulation is of one process holding
+            the whole model): that is an error.
 
     Raises:
         ValueError: at construction, for unknown or conflicting options or an unreadable
@@ -280,6 +282,12 @@ class ApproxBP(Callback):
 
     def _fit_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Plan and apply the checkpointing that makes the simulated step fit ``memory_budget``."""
+        if sharded_modules(pl_module):
+            raise ValueError(
+                "ApproxBP(memory_budget=...) simulates one process holding the whole model, which does not describe "
+                "a model sharded with fully_shard; drop memory_budget and apply activation checkpointing in "
+                "configure_model (checkpoint_wrapper on the blocks), which ApproxBP converts through."
+            )
         budget = parse_budget(self._memory_budget, trainer.strategy.root_device)
         example, step = self._budget_batch(trainer, pl_module)
         if example is None:

@@ -186,3 +186,9 @@ class LitTensorParallel(LitBuiltInConfigureModel):
 def test_a_model_split_by_tensor_parallelism_in_configure_model_fails_with_instructions() -> None:
     with pytest.raises(RuntimeError, match=r"tensor parallelism.*call `lightning_approxbp.convert\(model, example_input\)` in `configure_model`"):
         _fit_one_device(LitTensorParallel(), ApproxBP())
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_memory_budget_on_a_model_sharded_in_configure_model_fails_with_instructions() -> None:
+    with pytest.raises(ValueError, match="does not describe a model sharded with fully_shard.*checkpoint_wrapper"):
+        _fit_one_device(LitBuiltInConfigureModel(), ApproxBP(memory_budget="1GiB"))
