@@ -8,7 +8,8 @@ hint; :func:`jit_property`). The check plans each launcher (``plan_forward`` /
 ``plan_backward``) on meta tensors, whose ``data_ptr`` is their byte offset, over:
 
 - **configurations**: each dtype and dtype pair, activation, code width and norm flag
-  combination the ops accept (RMSNorm never has a bias: no entry point passes one);
+  combination the ops accept (RMSNorm never has a bias: the functional, nn and conversion
+  entry points pass none);
 - **layouts**: one size per distinct combination of JIT properties of the ints the launcher
   derives from it (numel and code bytes, row length and the row strides, vocabulary), found by
   searching sizes over more than a period of those properties (:func:`size_representatives`),
