@@ -54,6 +54,54 @@ TRITON_VS_TORCH_GRAD: dict[torch.dtype, Tolerance] = {
     torch.bfloat16: {"rtol": torch.finfo(torch.bfloat16).eps, "atol": 1e-4},
 }
 
+# The Triton path against the PyTorch path, norm gradients, for dtype pairs the kernels do not
+# take directly: the gradients are rounded to the 16-bit input dtype from an output saved in
+# another dtype, and each path may narrow both differently.
+TRITON_VS_TORCH_GRAD_VIA_FP32: Tolerance = {"rtol": 1e-4, "atol": 1e-4}
+
+# The Triton path against the PyTorch path, a LayerNorm with a bias and no weight (fp32): the
+# normalised value is recovered as output - bias, a subtraction that keeps absolute rather than
+# relative precision.
+TRITON_VS_TORCH_BIAS_ONLY: Tolerance = {"rtol": 1e-5, "atol": 1e-5}
+
+# A memory-sharing LayerNorm's gradients against the stock norm's (fp32) with gamma in
+# [0.5, 1.5]: tighter than NORM_FROM_OUTPUT, recovering the normalised value divides by at most 2.
+NORM_FROM_OUTPUT_BOUNDED_GAMMA: Tolerance = {"rtol": 1e-5, "atol": 1e-5}
+
+# An op computed in the dtype against its formula in fp64 (the chunked linear + cross-entropy
+# against fp64 full logits): fp64 differs in summation order only, fp32 by a few fp32 units.
+VS_FP64: dict[torch.dtype, Tolerance] = {
+    torch.float64: {"rtol": 1e-10, "atol": 1e-12},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
+}
+
+# fp64 results that differ only in the order of a sum (a loss and gradients summed over other
+# chunks of tokens): a scalar loss, far from zero, to 1e-12 relative; gradients to 1e-10
+# relative and 1e-14 absolute (some elements sum to nearly zero).
+SUMMATION_ORDER_FP64_LOSS: Tolerance = {"rtol": 1e-12, "atol": 0.0}
+SUMMATION_ORDER_FP64: Tolerance = {"rtol": 1e-10, "atol": 1e-14}
+
+# A loss computed in bf16 (outside autocast) against its fp64 value: two bf16 units, relative.
+BF16_LOSS_VS_FP64: Tolerance = {"rtol": 2 * torch.finfo(torch.bfloat16).eps, "atol": 0.0}
+
+# The fused linear + cross-entropy, Triton step against the PyTorch path in bf16: two bf16 units
+# relative, and 1e-3 absolute for gradients near zero, where the interpreter truncates to bf16
+# and the PyTorch path rounds (see TRITON_VS_TORCH).
+TRITON_VS_TORCH_LINEAR_CROSS_ENTROPY_BF16: Tolerance = {"rtol": 2 * torch.finfo(torch.bfloat16).eps, "atol": 1e-3}
+
+# One scalar loss, far from zero, of two fp32 computations that group their operations
+# differently (fused experts or a fused loss head against the modules they replace): a relative
+# bound alone, of 8 fp32 units (tighter than ROUNDING).
+LOSS_FP32: Tolerance = {"rtol": 1e-6, "atol": 0.0}
+
+# The losses of two fp32 trainings that group their operations differently (ApproxBP converting
+# what configure_model builds against a conversion by hand), over several steps: relative only.
+LOSS_CURVE_FP32: Tolerance = {"rtol": 1e-5, "atol": 0.0}
+
+# A converted model's eval output against the unconverted model loaded from its checkpoint
+# (fp32, outputs of order 1): the rounding of a converted forward, absolute as well as relative.
+CONVERTED_OUTPUT_FP32: Tolerance = {"rtol": 1e-5, "atol": 1e-5}
+
 # Relative L2 error (||ours - ref|| / ||ref||) of an op's output and gradients, computed in the
 # dtype, against autograd of the same formula in fp64: a few units of the dtype.
 VS_FP64_RELATIVE: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -3,21 +3,18 @@
 Triton's interpreter (``TRITON_INTERPRET=1``, used by the CPU tests) accepts code that the
 compiler refuses, so passing tests do not prove that a kernel compiles. This check does: it
 calls the launchers' planning functions (``plan_forward`` / ``plan_backward``) on meta tensors
-for every input the ops accept (each dtype and dtype pair, activation, code width, norm flag
-combination and row-length class), keeps each distinct launch once, and compiles it with
-Triton's own compiler for each target architecture, exactly as the runtime would specialise it
-(same signature, constexprs, ``num_warps`` and alignment hints, through Triton's own
-specialisation rule). ``ptxas`` reports registers and spills; a compile error or any spill above
-the budget fails the check.
+over every configuration the ops accept and every property of sizes and pointers that Triton's
+JIT specialises on (:mod:`.aot_launches`), keeps each distinct specialisation once, and compiles
+it with Triton's own compiler for each target architecture, exactly as the runtime would
+specialise it (same signature, constexprs, ``num_warps`` and alignment hints, through Triton's
+own specialisation rule). ``ptxas`` reports registers and spills; a compile error or any spill
+above the budget fails the check.
 
 Triton bundles ``ptxas``, so no GPU, driver or CUDA toolkit is needed. Run it as a module (the
 kernels must be imported without ``TRITON_INTERPRET``)::
 
     python -m lightning_approxbp.ops.aot_compile                 # sm_80 and sm_90, all kernels
     python -m lightning_approxbp.ops.aot_compile --arch 90 --json kernels.json
-
-Alignment hints follow 16-byte-aligned buffers and row lengths that are multiples of 16 (every
-real hidden size); other lengths run the same code with fewer vectorisation hints.
 """
 
 from __future__ import annotations
@@ -25,33 +22,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import itertools
 import json
 import os
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lightning_approxbp.ops._utils import packed_size
-from lightning_approxbp.ops.dispatch import TRITON_DTYPES
+from lightning_approxbp.ops.aot_launches import all_launches
 from lightning_approxbp.ops.kernel_launch import KernelLaunch
 
 DEFAULT_ARCHES = (80, 90)
-# Element counts of the representative launches: large and 16-aligned, like real activations.
-_ELEMENTS = 1 << 20
-_ROWS = 4096
-# Row lengths from one aligned vector up to past any hidden size in use; the launcher maps
-# them onto its few row configurations.
-_ROW_LENGTHS = tuple(1 << p for p in range(4, 18))
 
 _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -89,62 +76,7 @@ class CompileSpec:
     config: str
 
 
-# ----------------------------------------------------------------------------- the launches
-
-
-def _step_activation_launches() -> Iterator[KernelLaunch]:
-    from lightning_approxbp.activations import ACTIVATIONS
-    from lightning_approxbp.ops import step_activation_triton as kernels
-    from lightning_approxbp.tables import SUPPORTED_BITS, get_table
-
-    for dtype, bits in itertools.product(TRITON_DTYPES, SUPPORTED_BITS):
-        x = torch.empty(_ELEMENTS, dtype=dtype, device="meta")
-        for activation in ACTIVATIONS:
-            table = get_table(activation, bits)
-            yield kernels.plan_forward(x, list(table.thresholds), activation, bits)[0]
-        codes = torch.empty(packed_size(_ELEMENTS, bits), dtype=torch.uint8, device="meta")
-        nonfinite = torch.empty(1, dtype=torch.int32, device="meta")
-        yield kernels.plan_backward(x, codes, nonfinite, list(get_table("gelu", bits).levels), bits)[0]
-
-
-def _gated_mlp_launches() -> Iterator[KernelLaunch]:
-    from lightning_approxbp.activations import ACTIVATIONS
-    from lightning_approxbp.ops import gated_mlp_triton as kernels
-
-    for dtype, activation in itertools.product(TRITON_DTYPES, ACTIVATIONS):
-        g = torch.empty(_ELEMENTS, dtype=dtype, device="meta")
-        yield kernels.plan_forward(g, torch.empty_like(g), activation)[0]
-        yield kernels.plan_backward(torch.empty_like(g), g, torch.empty_like(g), activation)[0]
-
-
-def _ms_norm_launches() -> Iterator[KernelLaunch]:
-    from lightning_approxbp.ops import ms_norm_triton as kernels
-
-    flags = itertools.product((True, False), repeat=3)
-    for (in_dtype, out_dtype), (centered, has_weight, has_bias), n_cols in itertools.product(
-        itertools.product(TRITON_DTYPES, repeat=2), flags, _ROW_LENGTHS
-    ):
-        x = torch.empty(_ROWS, n_cols, dtype=in_dtype, device="meta")
-        weight = torch.empty(n_cols, dtype=in_dtype, device="meta") if has_weight else None
-        bias = torch.empty(n_cols, dtype=in_dtype, device="meta") if has_bias else None
-        launch, y, rstd = kernels.plan_forward(x, weight, bias, 1e-5, centered, 0.0, out_dtype)
-        yield launch
-        grad = torch.empty_like(y)
-        yield kernels.plan_backward(grad, y, rstd, weight, bias, centered, 0.0, 1e-4, x.dtype)[0]
-
-
-def _linear_cross_entropy_launches() -> Iterator[KernelLaunch]:
-    from lightning_approxbp.ops import linear_cross_entropy_triton as kernels
-
-    # A LLaMA-3-sized chunk (aligned rows); the scale is 0-d in the forward, per row in the
-    # backward of reduction="none", and unused when no gradient is needed.
-    target = torch.empty(256, dtype=torch.int64, device="meta")
-    scales = {"0-d": torch.empty((), device="meta"), "per-row": torch.empty(256, device="meta")}
-    for dtype, softcap in itertools.product(TRITON_DTYPES, (0.0, 30.0)):
-        logits = torch.empty(256, 128256, dtype=dtype, device="meta")
-        yield kernels.plan_softmax_grad(logits, target, scales["0-d"], -100, 0.0, softcap, False)[0]
-        for scale in scales.values():
-            yield kernels.plan_softmax_grad(logits, target, scale, -100, 0.1, softcap, True)[0]
+# ----------------------------------------------------------------------------- specialisations
 
 
 def _specialisation(launch: KernelLaunch) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], list]]:
@@ -172,11 +104,6 @@ def _specialisation(launch: KernelLaunch) -> tuple[dict[str, str], dict[str, Any
     return signature, constexprs, attrs
 
 
-def _key(launch: KernelLaunch) -> str:
-    signature, constexprs, attrs = _specialisation(launch)
-    return repr((launch.kernel.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items()), launch.num_warps))
-
-
 def spec_for(launch: KernelLaunch) -> CompileSpec:
     """What Triton would compile for ``launch``."""
     signature, constexprs, attrs = _specialisation(launch)
@@ -187,14 +114,19 @@ def spec_for(launch: KernelLaunch) -> CompileSpec:
     )
 
 
-def compile_specs() -> list[CompileSpec]:
-    """Every distinct launch the ops can make, in a stable order."""
+def specialisation_key(spec: CompileSpec) -> str:
+    """What Triton's kernel cache tells compiles apart by: the kernel, each argument's type and
+    attributes, the constexprs and the options (here ``num_warps``)."""
+    return repr((spec.kernel_module, spec.kernel_name, spec.signature, spec.constexprs, spec.attrs, spec.num_warps))
+
+
+def compile_specs(launches: Iterable[KernelLaunch] | None = None) -> list[CompileSpec]:
+    """Each distinct specialisation of ``launches`` (default: every launch the ops can make,
+    :mod:`.aot_launches`) once, in a stable order."""
     specs: dict[str, CompileSpec] = {}
-    for launch in itertools.chain(
-        _step_activation_launches(), _gated_mlp_launches(), _ms_norm_launches(), _linear_cross_entropy_launches()
-    ):
+    for launch in all_launches() if launches is None else launches:
         spec = spec_for(launch)
-        specs.setdefault(repr((spec.kernel_name, spec.signature, spec.constexprs, spec.attrs, spec.num_warps)), spec)
+        specs.setdefault(specialisation_key(spec), spec)
     return list(specs.values())
 
 

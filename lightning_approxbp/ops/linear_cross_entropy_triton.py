@@ -27,7 +27,9 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
-@triton.jit
+# ignore_index is only compared with each row's target: a constant or divisibility hint for it
+# would buy nothing and compile one more kernel per kind of value (0, 1, -100).
+@triton.jit(do_not_specialize=["ignore_index"])
 def _lce_softmax_grad_kernel(
     Logits_ptr,
     logits_row_stride,

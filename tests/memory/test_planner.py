@@ -18,6 +18,7 @@ from lightning_approxbp.memory import (
     plan_checkpointing,
 )
 from tests.memory.models import VOCAB, tiny_bert, tiny_llama
+from tests.tolerances import IDENTICAL
 
 pytestmark = pytest.mark.filterwarnings("ignore:Module is None")
 
@@ -113,7 +114,7 @@ def test_checkpointing_changes_only_what_recomputes(build):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
     assert torch.equal(checkpointed_loss, loss)
     for name, grad in grads.items():
-        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(checkpointed_grads[name], grad, **IDENTICAL, msg=name)
     assert [is_checkpointed(m) for _, m in blocks_of(model)] == [True, True, False]
 
 

@@ -65,6 +65,74 @@ def test_the_check_covers_every_kernel_dtype_and_arch(compiled):
     assert blocks == {str(2**p) for p in range(8, 13)}
 
 
+# Launches of real workloads that the configurations on aligned, 16-divisible sizes alone (the
+# check before it crossed layouts) never built: the tensors the ops hand to the launchers.
+_ODD_LAUNCHES = """
+import torch
+from lightning_approxbp.ops import gated_mlp_triton, linear_cross_entropy_triton, ms_norm_triton, step_activation_triton
+from lightning_approxbp.tables import get_table
+
+meta = {"device": "meta"}
+table = get_table("gelu", 2)
+# LayerNorm over 7 columns, on rows 1: of a batch (an offset view: 28 bytes in).
+x = torch.empty(5, 7, **meta)[1:]
+weight, bias = torch.empty(7, **meta), torch.empty(7, **meta)
+launch, y, rstd = ms_norm_triton.plan_forward(x, weight, bias, 1e-5, True, 0.0, torch.float32)
+norm_backward = ms_norm_triton.plan_backward(torch.empty_like(y), y, rstd, weight, bias, True, 0.0, 1e-4, x.dtype)[0]
+# bf16 LayerNorm over 1000 and 5000 columns (fused and looped rows).
+wide = [
+    ms_norm_triton.plan_forward(torch.empty(8, n, dtype=torch.bfloat16, **meta), torch.empty(n, **meta),
+                                torch.empty(n, **meta), 1e-5, True, 0.0, torch.bfloat16)[0]
+    for n in (1000, 5000)
+]
+# A step activation over 7 elements, and over a flat view 3 elements in.
+tiny = step_activation_triton.plan_forward(torch.empty(7, **meta), list(table.thresholds), "gelu", 2)[0]
+flat = torch.empty(1003, dtype=torch.bfloat16, **meta)[3:]
+offset = step_activation_triton.plan_forward(flat, list(table.thresholds), "gelu", 2)[0]
+# One token through a fused gate/up projection of width 2 x 11: u starts 22 bytes in.
+gate_up = torch.empty(1, 22, dtype=torch.bfloat16, **meta)
+gated = gated_mlp_triton.plan_forward(gate_up[:, :11], gate_up[:, 11:], "silu")[0]
+# GPT-2's vocabulary, with a batch of one's shifted labels (8 bytes in).
+labels = torch.empty(1, 257, dtype=torch.int64, **meta)[0, 1:]
+logits = torch.empty(256, 50257, **meta)
+loss = linear_cross_entropy_triton.plan_softmax_grad(logits, labels, torch.empty((), **meta), -100, 0.0, 0.0, True)[0]
+LAUNCHES = {
+    "layer_norm 7 cols, offset rows": launch, "its backward": norm_backward, "layer_norm 1000 cols bf16": wide[0],
+    "layer_norm 5000 cols bf16": wide[1], "step activation, 7 elements": tiny, "step activation, offset view": offset,
+    "gated product, offset up half": gated, "cross-entropy, GPT-2 vocabulary, shifted labels": loss,
+}
+"""
+
+
+def test_odd_widths_tiny_tensors_and_offset_views_are_compiled():
+    script = textwrap.dedent(
+        """
+        import json
+        from lightning_approxbp.ops.aot_compile import compile_specs, spec_for, specialisation_key
+        from lightning_approxbp.ops.aot_launches import all_launches
+
+        compiled = {specialisation_key(s) for s in compile_specs()}
+        common_only = {specialisation_key(s) for s in compile_specs(all_launches(all_layouts=False))}
+        keys = {name: specialisation_key(spec_for(launch)) for name, launch in LAUNCHES.items()}
+        print(json.dumps({
+            "missing": [name for name, key in keys.items() if key not in compiled],
+            "built_before": [name for name, key in keys.items() if key in common_only],
+            "counts": [len(common_only), len(compiled)],
+        }))
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", _ODD_LAUNCHES + script], cwd=ROOT, env=_compiler_env(), capture_output=True, text=True,
+        timeout=300, check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["missing"] == []
+    assert found["built_before"] == []
+    common_only, compiled = found["counts"]
+    assert common_only < compiled
+
+
 _BROKEN_KERNELS = '''
 import torch
 import triton

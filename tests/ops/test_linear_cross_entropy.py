@@ -9,11 +9,17 @@ from lightning_approxbp import functional as AF
 from lightning_approxbp.ops import linear_cross_entropy as lce
 from lightning_approxbp.ops import reference, use_backend
 from lightning_approxbp.saved_tensors import SavedTensorCounter
+from tests.tolerances import (
+    BF16_LOSS_VS_FP64,
+    IDENTICAL,
+    SUMMATION_ORDER_FP64,
+    SUMMATION_ORDER_FP64_LOSS,
+    TRITON_VS_TORCH_LINEAR_CROSS_ENTROPY_BF16,
+    VS_FP64,
+)
 
 from .helpers import TRITON_DEVICE, requires_triton
 
-# dtype -> tolerance against the fp64 reference (rtol, atol); fp64 itself: summation order only.
-TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6)}
 # Odd token counts, chunks that do not divide them, vocabularies that are no multiple of anything.
 SHAPES = [(13, 16, 37, 4), (7, 24, 101, 3), (32, 8, 1000, 32)]
 
@@ -39,7 +45,7 @@ def _reference(h, w, b, target, grad=None, **options):
     return _loss_and_grads(reference.linear_cross_entropy, *fp64, target, grad, **options)
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("dtype", list(VS_FP64))
 @pytest.mark.parametrize("tokens, hidden, vocab, chunk", SHAPES)
 @pytest.mark.parametrize("reduction", lce.REDUCTIONS)
 @pytest.mark.parametrize("label_smoothing, softcap", [(0.0, None), (0.1, None), (0.0, 2.5), (0.2, 4.0)])
@@ -51,11 +57,10 @@ def test_loss_and_gradients_match_the_fp64_reference(dtype, tokens, hidden, voca
     options = {"reduction": reduction, "label_smoothing": label_smoothing, "logit_softcap": softcap}
     loss, grads = _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, grad, chunk_size=chunk, **options)
     ref_loss, ref_grads = _reference(h, w, b, target, None if grad is None else grad.double(), **options)
-    rtol, atol = TOLERANCES[dtype]
     assert loss.dtype == dtype
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss.double(), ref_loss, **VS_FP64[dtype])
     for name, ours, theirs in zip(("hidden", "weight", "bias"), grads, ref_grads):
-        torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(ours.double(), theirs, **VS_FP64[dtype], msg=name)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 5, 13, 64, None])
@@ -63,9 +68,9 @@ def test_the_chunk_size_does_not_change_the_result(chunk):
     h, w, b, target = _inputs(13, 16, 37, torch.float64, ignored=(3,))
     loss, grads = _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, chunk_size=chunk)
     ref_loss, ref_grads = _reference(h, w, b, target)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, ref_loss, **SUMMATION_ORDER_FP64_LOSS)
     for ours, theirs in zip(grads, ref_grads):
-        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(ours, theirs, **SUMMATION_ORDER_FP64)
 
 
 @pytest.mark.parametrize("reduction", lce.REDUCTIONS)
@@ -87,7 +92,7 @@ def test_whole_chunks_ignored_and_every_token_ignored(reduction):
     torch.testing.assert_close(loss, ref_loss, equal_nan=True)
     assert loss.isnan().all() if reduction == "mean" else torch.all(loss == 0)
     for ours, theirs in zip(grads, ref_grads):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        torch.testing.assert_close(ours, theirs, **IDENTICAL)
 
 
 @pytest.mark.parametrize("reduction", lce.REDUCTIONS)
@@ -130,7 +135,7 @@ def test_a_bf16_head_outside_autocast_returns_an_fp32_loss_and_bf16_gradients():
     loss, grads = _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, chunk_size=4)
     assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
     ref_loss, _ = _reference(h, w, b, target)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=0)
+    torch.testing.assert_close(loss.double(), ref_loss, **BF16_LOSS_VS_FP64)
 
 
 def test_autocast_runs_the_matmuls_in_bf16_and_returns_an_fp32_loss():
@@ -150,8 +155,8 @@ def test_a_frozen_weight_gets_no_gradient_and_no_weight_gradient_matmul(monkeypa
     _loss, (grad_hidden, grad_bias) = _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, chunk_size=4)
     assert calls == [] and w.grad is None
     _ref_loss, (ref_hidden, ref_bias) = _reference(h, w, b, target)
-    torch.testing.assert_close(grad_hidden.double(), ref_hidden, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_bias.double(), ref_bias, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_hidden.double(), ref_hidden, **VS_FP64[torch.float32])
+    torch.testing.assert_close(grad_bias.double(), ref_bias, **VS_FP64[torch.float32])
     w.requires_grad_(True)
     _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, chunk_size=4)
     assert len(calls) == 4  # one per chunk when the weight trains
@@ -170,7 +175,7 @@ def test_tied_embedding_weight_accumulates_both_gradients():
         return embedding.weight.grad.clone()
 
     fused = grads(lambda h, w, t: AF.linear_cross_entropy(h, w, t, chunk_size=5))
-    torch.testing.assert_close(fused, grads(reference.linear_cross_entropy), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(fused, grads(reference.linear_cross_entropy), **SUMMATION_ORDER_FP64)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -186,9 +191,9 @@ def test_torch_compile_gives_the_eager_loss_and_gradients(reduction):
     eager = _loss_and_grads(lambda h, w, t, b: step(h, w, b, t), h, w, b, target)
     compiled_step = torch.compile(step, fullgraph=True, backend="aot_eager")
     compiled = _loss_and_grads(lambda h, w, t, b: compiled_step(h, w, b, t), h, w, b, target)
-    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(compiled[0], eager[0], **IDENTICAL)
     for ours, theirs in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        torch.testing.assert_close(ours, theirs, **IDENTICAL)
 
 
 @pytest.mark.parametrize("frozen", [True, False])
@@ -251,7 +256,7 @@ def test_bad_inputs_are_refused_with_the_fix(change, error, match):
 @pytest.mark.parametrize("label_smoothing, softcap", [(0.0, None), (0.1, 3.0)])
 def test_triton_path_matches_the_reference(dtype, reduction, label_smoothing, softcap):
     """The Triton step against the fp64 reference (fp32), and against the PyTorch path (bf16: the
-    interpreter truncates to bf16 where the GPU rounds, see helpers.interpreter_rounding_tolerance)."""
+    interpreter truncates to bf16 where the GPU rounds, see tests.tolerances.TRITON_VS_TORCH)."""
     h, w, b, target = _inputs(11, 16, 4100 + 3, dtype, ignored=range(4, 8), device=TRITON_DEVICE)
     grad = torch.randn(11, dtype=dtype, device=TRITON_DEVICE) if reduction == "none" else None
     options = {"reduction": reduction, "label_smoothing": label_smoothing, "logit_softcap": softcap, "chunk_size": 4}
@@ -263,10 +268,10 @@ def test_triton_path_matches_the_reference(dtype, reduction, label_smoothing, so
         options.pop("chunk_size")
         expected = _reference(h, w, b, target, None if grad is None else grad.double(), **options)
         expected = (expected[0].to(dtype), [g.to(dtype) for g in expected[1]])
-        rtol, atol = 1e-5, 1e-6
+        tolerance = VS_FP64[dtype]
     else:
-        expected, rtol, atol = results["torch"], 2 * torch.finfo(dtype).eps, 1e-3
+        expected, tolerance = results["torch"], TRITON_VS_TORCH_LINEAR_CROSS_ENTROPY_BF16
     loss, grads = results["triton"]
-    torch.testing.assert_close(loss, expected[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss, expected[0], **tolerance)
     for name, ours, theirs in zip(("hidden", "weight", "bias"), grads, expected[1]):
-        torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(ours, theirs, **tolerance, msg=name)

@@ -15,6 +15,7 @@ from lightning_approxbp.ops.gated_mlp import gated_product_forward
 from lightning_approxbp.ops.reference import step_activation_backward
 from lightning_approxbp.ops.step_activation import pack_codes, unpack_codes
 from lightning_approxbp.tables import SUPPORTED_BITS, get_table
+from tests.tolerances import IDENTICAL
 
 from .helpers import FLOAT_DTYPES, TRITON_DEVICE, requires_triton
 
@@ -50,7 +51,7 @@ def test_forward_exact_and_backward_is_step_formula(activation, dtype, bits):
     with use_backend("torch"):
         y = AF.step_activation(x, activation, bits=bits)
         (dx,) = torch.autograd.grad(y, x, grad)
-    torch.testing.assert_close(y, TORCH_FORWARD[activation](x.detach()), rtol=0, atol=0)
+    torch.testing.assert_close(y, TORCH_FORWARD[activation](x.detach()), **IDENTICAL)
     expected = step_activation_backward(grad, x.detach().double(), table.thresholds, table.levels)
     torch.testing.assert_close(dx, expected.to(dtype))
     assert dx.dtype == dtype
@@ -79,7 +80,7 @@ def test_shapes_including_empty_and_4d(shape):
     y = AF.step_activation(x)
     y.backward(grad)
     table = get_table("gelu", 2)
-    torch.testing.assert_close(y, F.gelu(x.detach()), rtol=0, atol=0)
+    torch.testing.assert_close(y, F.gelu(x.detach()), **IDENTICAL)
     expected = step_activation_backward(grad, x.detach().double(), table.thresholds, table.levels)
     torch.testing.assert_close(x.grad, expected.float())
 
@@ -176,7 +177,7 @@ def test_finite_inputs_keep_finite_gradients_after_a_non_finite_call():
 def test_no_grad_and_inference_save_nothing_and_match_exactly():
     x = torch.randn(10)
     with torch.no_grad():
-        torch.testing.assert_close(AF.step_activation(x, "gelu_tanh"), F.gelu(x, approximate="tanh"), rtol=0, atol=0)
+        torch.testing.assert_close(AF.step_activation(x, "gelu_tanh"), F.gelu(x, approximate="tanh"), **IDENTICAL)
 
 
 def test_double_backward_raises_clear_error():
