@@ -337,8 +337,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             scale = grad_output.to(compute_dtype(ctx.dtype))
             # ``loss.backward()`` brings exactly 1: the saved gradients are the answer, and skipping
             # the multiply saves a weight-sized fp32 copy (a host sync on CUDA, as Liger's check;
-            # not under torch.compile, which cannot branch on data).
-            if torch.compiler.is_compiling() or not torch.equal(scale, torch.ones_like(scale)):
+            # not under torch.compile, which cannot branch on data). Fake tensors (the step-memory
+            # simulation) have no value to compare: they take the branch of ``loss.backward()``.
+            fake = torch._guards.detect_fake_mode((scale,)) is not None
+            if torch.compiler.is_compiling() or (not fake and not torch.equal(scale, torch.ones_like(scale))):
                 with torch.no_grad():
                     grad_hidden = grad_hidden * scale.to(grad_hidden.dtype) if need_hidden else grad_hidden
                     grad_weight = grad_weight * scale if need_weight else grad_weight
