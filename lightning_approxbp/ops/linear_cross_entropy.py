@@ -339,8 +339,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # the multiply saves a weight-sized fp32 copy (a host sync on CUDA, as Liger's check;
             # not under torch.compile, which cannot branch on data). Fake tensors (the step-memory
             # simulation) have no value to compare: they take the branch of ``loss.backward()``.
-            fake = torch._guards.detect_fake_mode((scale,)) is not None
-            if torch.compiler.is_compiling() or (not fake and not torch.equal(scale, torch.ones_like(scale))):
+            # (Tested after is_compiling: Dynamo cannot trace detect_fake_mode.)
+            if torch.compiler.is_compiling() or (
+                torch._guards.detect_fake_mode((scale,)) is None and not torch.equal(scale, torch.ones_like(scale))
+            ):
                 with torch.no_grad():
                     grad_hidden = grad_hidden * scale.to(grad_hidden.dtype) if need_hidden else grad_hidden
                     grad_weight = grad_weight * scale if need_weight else grad_weight
