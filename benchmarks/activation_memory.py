@@ -51,8 +51,14 @@ How the bytes are counted (device independent, exact, CPU):
 Bytes are divided by the number of tokens (197 = one 224 px image for ViT, 256 otherwise) and
 also shown in units of the hidden size d ("bytes per token / d").
 
+The causal LMs (GPT-2 and the LLaMA family) also get their LM head and loss counted, at their
+true vocabularies, unfused and through the fused linear + cross-entropy (``fused_loss``; see
+``_lm_head.py``), for a frozen head (LoRA) and a trainable one; and a whole-model figure per token:
+the layer count of the real model times its block, plus the head and loss.
+
     python benchmarks/activation_memory.py            # writes results/activation_memory_cpu.{json,md,png}
     python benchmarks/activation_memory.py --quick    # toy widths, prints only (or --out DIR)
+    python benchmarks/activation_memory.py --heads-only  # the head rows only, merged into the results in --out
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ from typing import Any
 import torch
 import _gpu_attention
 import _liger
+import _lm_head
 from _common import RESULTS_DIR, machine_name, write_results
 from torch import Tensor, nn
 
@@ -92,6 +99,15 @@ TARGETS: dict[str, tuple[float, str]] = {
     "Qwen2-7B-shaped": (0.42, "cpu"),
 }
 VOCAB = 1000
+# Causal LMs whose head and loss are counted: the real model's vocabulary and number of layers.
+CAUSAL_LMS: dict[str, tuple[int, int]] = {
+    "GPT-2": (50257, 12),
+    "LLaMA-7B-shaped": (32000, 32),
+    "Mistral-7B-shaped": (32000, 32),
+    "Qwen2-7B-shaped": (152064, 28),
+}
+# The whole-model rows: (block variant, head path).
+MODEL_ROWS: tuple[tuple[str, str], ...] = (("baseline", "unfused"), ("both", "unfused"), ("both", "fused"))
 
 
 @dataclass
@@ -361,7 +377,80 @@ def target_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return results
 
 
-def render_markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]], machine: str) -> str:
+def head_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The head and loss of every causal LM among ``rows`` (its hidden size and token count from them)."""
+    results = []
+    for model in dict.fromkeys(r["model"] for r in rows if r["model"] in CAUSAL_LMS):
+        block = next(r for r in rows if r["model"] == model)
+        for precision in dict.fromkeys(r["precision"] for r in rows if r["model"] == model):
+            for head in _lm_head.HEADS:
+                for path in _lm_head.PATHS:
+                    measured = _lm_head.measure_head(block["hidden"], CAUSAL_LMS[model][0], block["tokens"],
+                                                     precision, path, head)
+                    results.append({"model": model, **measured})
+    return results
+
+
+def model_rows(rows: list[dict[str, Any]], heads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per token of a whole causal LM (bf16-mixed, frozen head): layers x block + head and loss."""
+    results = []
+    for model, (_vocab, layers) in CAUSAL_LMS.items():
+        for view in ATTENTION_VIEWS:
+            blocks = {r["variant"]: r for r in rows if r["model"] == model and r["precision"] == "bf16-mixed"
+                      and r["attention"] == view}
+            head = {h["path"]: h for h in heads if h["model"] == model and h["precision"] == "bf16-mixed"
+                    and h["head"] == "frozen"}
+            if not blocks or not head:
+                continue
+            for variant, path in MODEL_ROWS:
+                block_bytes, head_bytes = layers * blocks[variant]["bytes_per_token"], head[path]["bytes_per_token"]
+                results.append({"model": model, "attention": view, "layers": layers, "variant": variant, "head": path,
+                                "hidden": blocks[variant]["hidden"], "bytes_per_token": block_bytes + head_bytes,
+                                "head_share": head_bytes / (block_bytes + head_bytes)})
+    for row in results:
+        row["ratio"] = row["bytes_per_token"] / next(
+            r["bytes_per_token"] for r in results if r["model"] == row["model"] and r["attention"] == row["attention"])
+    return results
+
+
+def render_heads(heads: list[dict[str, Any]], models: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## LM head + loss per token (true vocabularies)",
+        "",
+        ("Saved for backward by `lm_head` and transformers' causal-LM loss, per token: `unfused` as the model "
+         "computes it, `fused` through the fused linear + cross-entropy. Weight-sized storages (an autocast copy "
+         "of an fp32 weight; the fused path's fp32 weight gradient, computed in the forward and needed in "
+         "backward anyway) are per step, listed apart."),
+        "",
+        "| model | vocab | precision | head | unfused | fused | weight-sized, unfused / fused (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for h in heads:
+        if h["path"] != "unfused":
+            continue
+        fused = next(f for f in heads if f["path"] == "fused" and all(f[k] == h[k] for k in ("model", "precision", "head")))
+        cells = [f"{r['bytes_per_token'] / 1024:.1f} KiB = {r['bytes_per_token'] / r['hidden']:.1f}d" for r in (h, fused)]
+        lines.append(f"| {h['model']} | {h['vocab']} | {h['precision']} | {h['head']} | {cells[0]} | {cells[1]} | "
+                     f"{h['weight_sized_bytes'] / 2**20:.0f} / {fused['weight_sized_bytes'] / 2**20:.0f} |")
+    lines += [
+        "",
+        "## Whole causal LM per token (bf16-mixed, frozen head)",
+        "",
+        ("The real model's layer count times the block above, plus the head and loss: the default conversion "
+         "with the head as the model computes it, and with the fused loss."),
+        "",
+        "| model | layers | attention | blocks | head + loss | per token | vs baseline | head share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        lines.append(f"| {m['model']} | {m['layers']} | {m['attention']} | {m['variant']} | {m['head']} | "
+                     f"{m['bytes_per_token'] / 1024:.1f} KiB = {m['bytes_per_token'] / m['hidden']:.1f}d | "
+                     f"{m['ratio']:.0%} | {m['head_share']:.0%} |")
+    return [*lines, ""]
+
+
+def render_markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]], machine: str,
+                    heads: list[dict[str, Any]], models: list[dict[str, Any]]) -> str:
     lines = [
         "# Activation memory per token per block",
         "",
@@ -393,7 +482,8 @@ def render_markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]], m
         if row["precision"] == "bf16-mixed":
             cells = [f"{row['buckets_per_token'][b] / row['hidden']:.2f}" for b in BUCKETS]
             lines.append(f"| {row['model']} | {row['attention']} | {row['variant']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines += ["", *render_heads(heads, models)] if heads else []
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 VIEW_TITLES = {"cpu": "attention as run on this CPU", "gpu": "GPU attention path (flash / memory-efficient)"}
@@ -489,30 +579,42 @@ def measure_in_fresh_processes(names: list[str], precisions: tuple[str, ...], pa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy widths, 3 models, bf16-mixed only")
+    parser.add_argument("--heads-only", action="store_true",
+                        help="count only the LM heads (seconds, on fake tensors); keep the block rows of the results in --out")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
     args = parser.parse_args()
     out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
 
-    precisions = ("bf16-mixed",) if args.quick else PRECISIONS
-    names = model_names(args.quick)
-    rows = []
-    if args.quick:
-        for name in names:
-            rows += measure_model(name, args.quick, precisions)
+    if args.heads_only:
+        if out is None:
+            parser.error("--heads-only merges into an earlier run's results: pass --out DIR (not with --quick)")
+        kept = json.loads((out / "activation_memory_cpu.json").read_text())
+        rows, targets, machine, quick = kept["results"], kept["targets"], kept["machine"], kept["quick"]
     else:
-        rows = measure_in_fresh_processes(names, precisions, out / PARTS_DIR if out is not None else None)
-    ratios(rows)
-    targets = target_rows(rows)
-    machine = machine_name(torch.device("cpu"))
-    markdown = render_markdown(rows, targets, machine)
+        precisions = ("bf16-mixed",) if args.quick else PRECISIONS
+        names = model_names(args.quick)
+        rows = []
+        if args.quick:
+            for name in names:
+                rows += measure_model(name, args.quick, precisions)
+        else:
+            rows = measure_in_fresh_processes(names, precisions, out / PARTS_DIR if out is not None else None)
+        ratios(rows)
+        targets = target_rows(rows)
+        machine, quick = machine_name(torch.device("cpu")), args.quick
+    heads = head_rows(rows)
+    models = model_rows(rows, heads)
+    markdown = render_markdown(rows, targets, machine, heads, models)
     print(markdown)
     if out is not None:
-        payload = {"machine": machine, "quick": args.quick, "targets": targets, "results": rows}
+        payload = {"machine": machine, "quick": quick, "targets": targets, "results": rows, "heads": heads,
+                   "models": models}
         write_results("activation_memory", torch.device("cpu"), payload, markdown, out)
-        try:
-            plot(rows, out / "activation_memory_cpu.png")
-        except ModuleNotFoundError:
-            print("matplotlib is not installed: no chart (pip install matplotlib)")
+        if not args.heads_only:  # the chart shows the blocks only
+            try:
+                plot(rows, out / "activation_memory_cpu.png")
+            except ModuleNotFoundError:
+                print("matplotlib is not installed: no chart (pip install matplotlib)")
         print(f"wrote {out}/activation_memory_cpu.*")
 
 

@@ -12,7 +12,9 @@ tensors by :func:`lightning_approxbp.memory.estimate_step_memory` (``MemTracker`
 Variants: ``baseline``; ``paper`` (``ConversionConfig(table="paper", gated_mlp=False,
 dropout=False, share_norm_output=False)``); ``default`` (``ConversionConfig()``); ``checkpoint``
 (baseline with every block checkpointed, non-reentrant, as ``gradient_checkpointing_enable``
-does); ``budget`` rows: the default conversion plus :func:`~lightning_approxbp.memory.plan_checkpointing`
+does); ``default + fused loss`` (causal LM only: ``ConversionConfig(fused_loss=True)``, the head
+and loss through the fused linear + cross-entropy, as the callback's ``fused_loss="auto"`` does
+for a training step that uses only the loss); ``budget`` rows: the default conversion plus :func:`~lightning_approxbp.memory.plan_checkpointing`
 for budgets a quarter, half and three quarters of the way from the default's peak down to its
 smallest reachable peak. Each budget row checks itself: the planned peak is at most the budget
 and the plan with one block fewer is above it.
@@ -23,6 +25,7 @@ log-sum-exp; see ``_gpu_attention.py``). Random init from configs; no weights ar
 
     python benchmarks/peak_memory.py            # writes results/peak_memory_sim.{json,md}
     python benchmarks/peak_memory.py --quick    # toy widths, into --out DIR (or prints only)
+    python benchmarks/peak_memory.py --models "LLaMA-7B-shaped LoRA"  # re-measure one model, keep the others' rows
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from lightning_approxbp.memory.planner import plan_for
 
 VIEWS = {"eager": "eager", "flash": _gpu_attention.NAME}
 PAPER = ConversionConfig(table="paper", gated_mlp=False, dropout=False, share_norm_output=False)
+MODELS = ("ViT-B/16", "LLaMA-7B-shaped LoRA", "BERT-base")
+CAUSAL_LMS = ("LLaMA-7B-shaped LoRA",)
 BUDGET_POINTS = (0.25, 0.5, 0.75)  # of the way from the default's peak to its smallest reachable
 TARGETS = {("ViT-B/16", "flash"): 0.65, ("ViT-B/16", "eager"): 0.75}  # default / baseline peak
 
@@ -92,6 +97,9 @@ def measure_case(name: str, view: str, quick: bool) -> list[dict[str, Any]]:
     rows.append(row(name, view, "paper", StepSimulation(model, batch, convert=PAPER, **options)))
     default = StepSimulation(model, batch, convert=ConversionConfig(), **options)
     rows.append(row(name, view, "default", default))
+    if name in CAUSAL_LMS:
+        fused = StepSimulation(model, batch, convert=ConversionConfig(fused_loss=True), **options)
+        rows.append(row(name, view, "default + fused loss", fused))
     top, bottom = default.measure().peak_bytes, default.measure(every).peak_bytes
     for point in BUDGET_POINTS:
         budget = int(top - point * (top - bottom))
@@ -115,6 +123,9 @@ def render(payload: dict[str, Any]) -> str:
         "recomputes one layer's attention with CPU sdpa, so its temporaries can include that layer's s x s scores "
         "(math path), which a flash backward does not materialise (an overestimate of the flash peak when the peak "
         "is in the backward)."), "",
+        *([(f"This run measured {', '.join(payload['measured'])}; the other models' rows are kept from an earlier "
+            "run (the figures are simulated, so they do not depend on the machine or its load)."), ""]
+          if set(payload.get("measured", MODELS)) != set(MODELS) else []),
         "| model | attention | variant | peak | vs baseline | activations | temporaries | peak in | blocks | check |",
         "|---|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
@@ -137,23 +148,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy widths (CI)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results, not with --quick)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="models to measure; the rows of the others are kept from the results in the output folder")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="Module is None")
     _gpu_attention.register()
+    out = args.out or (None if args.quick else RESULTS_DIR)
+    kept: list[dict[str, Any]] = []
+    if set(args.models) != set(MODELS):
+        if out is None or not (out / "peak_memory_sim.json").exists():
+            parser.error("--models keeps the other models' rows from an earlier run: pass --out DIR holding one")
+        kept = json.loads((out / "peak_memory_sim.json").read_text())["results"]
     start, load = time.perf_counter(), os.getloadavg()
-    rows = [r for name in ("ViT-B/16", "LLaMA-7B-shaped LoRA", "BERT-base") for view in VIEWS
-            for r in measure_case(name, view, args.quick)]
+    measured = {name: [r for view in VIEWS for r in measure_case(name, view, args.quick)] for name in args.models}
+    rows = [r for name in MODELS for r in (measured[name] if name in measured else [k for k in kept if k["model"] == name])]
     peaks = {(r["model"], r["attention"], r["variant"]): r["peak_bytes"] for r in rows}
     targets = {f"{m} {v}": peaks[(m, v, "default")] / peaks[(m, v, "baseline")] for m, v in TARGETS}
     payload = {"machine": machine_name(torch.device("cpu")), "load_average": [round(x, 2) for x in load],
                "load_average_end": [round(x, 2) for x in os.getloadavg()], "wall_s": time.perf_counter() - start,
-               "quick": args.quick, "results": rows, "targets": targets}
+               "quick": args.quick, "measured": list(args.models), "results": rows, "targets": targets}
     markdown = render(payload)
     print(markdown)
     failed = [r["variant"] for r in rows if "fits" in r and not (r["fits"] and r["fewest"])]
     if not args.quick:
         failed += [key for key, ratio in targets.items() if ratio > TARGETS[tuple(key.rsplit(" ", 1))]]
-    out = args.out or (None if args.quick else RESULTS_DIR)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "peak_memory_sim.json").write_text(json.dumps(payload, indent=1) + "\n")

@@ -2,7 +2,10 @@
 
 The ApproxBP run uses the ApproxBP callback (2-bit SiLU backward, memory-sharing RMSNorm) and
 the ``ApproxBPPrecision("bf16-mixed")`` plugin (frozen base weights stored in bf16, so autocast
-keeps no per-step copies of them); the baseline is Lightning's ``precision="bf16-mixed"``.
+keeps no per-step copies of them), and, because the recipe's training step uses only the loss of
+``model(..., labels=...)``, the fused linear + cross-entropy for the head and loss (the report's
+``lm_head (LlamaForCausalLM)`` row): the step never builds the ``tokens x vocab`` logits. The
+baseline is Lightning's ``precision="bf16-mixed"``.
 No pretrained LLaMA is available offline: the base model is randomly initialised and frozen,
 so the loss shows the adapters learning, not a useful language model. Prints the bytes a
 training step saves for backward and the validation loss/perplexity (torchmetrics).

@@ -10,7 +10,15 @@ the gradient of the loss with respect to the logits (softmax math in fp32, one p
 
 Gradients are exact, not approximated: the same formula autograd applies, rounded where autograd
 rounds (under autocast the logits and their gradient are rounded to the autocast dtype before
-the matmuls, as in eager). The weight and bias gradients are accumulated over chunks in fp32.
+the matmuls, as in eager). The weight and bias gradients are accumulated over chunks in fp32,
+in place into the one buffer that becomes the weight's gradient.
+
+A weight of another dtype than the computation (an fp32 weight under bf16 autocast) is cast a
+vocabulary slice at a time, where autocast would keep a whole cast copy of it (half the size
+of the fp32 weight gradient, for the whole forward). On CPU, where a 16-bit matmul has no fp32
+result, the products that are accumulated in fp32 (the weight gradient, and the hidden gradient
+of a sliced weight) are computed from upcast operands: products of 16-bit values are exact in
+fp32, so only the fp32 sum rounds.
 
 Saved for backward (``reduction="mean"``/``"sum"``): the gradients computed in the forward (of
 ``hidden``: ``tokens x hidden``; of ``weight``/``bias`` when they require grad) -- backward only
@@ -20,8 +28,9 @@ forward saves ``hidden`` and the parameters (by reference) and backward recomput
 chunk by chunk (one extra matmul per chunk).
 
 Chunk size (:func:`default_chunk_size`): the largest power of two of tokens whose fp32 logits
-fit in :data:`CHUNK_LOGITS_BYTES` (128 MiB: 256 tokens at a 128k vocabulary), at least 1 and at
-most the number of tokens; the ``chunk_size`` keyword overrides it.
+fit in :data:`CHUNK_LOGITS_BYTES` (128 MiB: 256 tokens at a 128k vocabulary), at least
+:data:`MIN_WEIGHT_GRAD_CHUNK` when the weight trains, at least 1 and at most the number of
+tokens; the ``chunk_size`` keyword overrides it.
 """
 
 from __future__ import annotations
@@ -40,23 +49,34 @@ OP_NAME = "linear_cross_entropy"
 _TRITON_KERNELS = "lightning_approxbp.ops.linear_cross_entropy_triton"
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 CHUNK_LOGITS_BYTES = 128 << 20
-# Vocabulary rows per weight-gradient matmul in 16-bit: bounds the 16-bit partial product that is
-# added to the fp32 accumulator (CPU torch has no fp32-output 16-bit matmul).
-_WEIGHT_GRAD_SLICE = 8192
+# Each chunk adds its product into the whole fp32 weight gradient, reading and writing it: 2 x
+# tokens flops per 8 bytes. When the weight trains, chunks of at least this many tokens (128 flops
+# per byte) keep that pass from making the matmul memory-bound on a GPU; at a 128k vocabulary the
+# chunk's logits and their fp32 copy are then 376 MiB, against a 2 GiB weight gradient per 4096 hidden.
+MIN_WEIGHT_GRAD_CHUNK = 512
+# Bytes of one vocabulary slice of an fp32 weight-shaped operand (a cast weight slice, its fp32
+# upcast, a slice of the weight gradient): bounds the temporaries of the sliced matmuls.
+_SLICE_BYTES = 32 << 20
 
 
-def default_chunk_size(n_tokens: int, vocab: int) -> int:
-    """Tokens per chunk: the largest power of two whose fp32 logits fit in ``CHUNK_LOGITS_BYTES``.
+def default_chunk_size(n_tokens: int, vocab: int, weight_trains: bool = False) -> int:
+    """Tokens per chunk: the largest power of two whose fp32 logits fit in ``CHUNK_LOGITS_BYTES``,
+    at least ``MIN_WEIGHT_GRAD_CHUNK`` when the weight trains, at most ``n_tokens``.
 
     Example::
 
         >>> default_chunk_size(4096, 128256)
         256
+        >>> default_chunk_size(4096, 128256, weight_trains=True)
+        512
         >>> default_chunk_size(10, 32000)
         10
     """
     rows = max(1, CHUNK_LOGITS_BYTES // (4 * max(vocab, 1)))
-    return max(1, min(n_tokens, 1 << (rows.bit_length() - 1)))
+    rows = 1 << (rows.bit_length() - 1)
+    if weight_trains:
+        rows = max(rows, MIN_WEIGHT_GRAD_CHUNK)
+    return max(1, min(n_tokens, rows))
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -118,15 +138,52 @@ def _check_targets(target: Tensor, vocab: int, ignore_index: int) -> None:
         )
 
 
-def _accumulate_weight_grad(grad_weight: Tensor, grad_logits: Tensor, rows: Tensor) -> None:
-    """``grad_weight (fp32) += grad_logits.T @ rows``, the matmul in the dtype of ``rows``."""
-    if rows.dtype == grad_weight.dtype:
-        grad_weight.addmm_(grad_logits.t(), rows)
+def _slices(matrix: Tensor) -> list[slice]:
+    """Row slices of ``matrix`` (vocabulary x hidden) of about ``_SLICE_BYTES`` in fp32."""
+    step = max(1, _SLICE_BYTES // (4 * max(matrix.shape[1], 1)))
+    return [slice(start, start + step) for start in range(0, matrix.shape[0], step)]
+
+
+def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in the accumulation dtype and ``a``, ``b`` in it or 16-bit."""
+    if a.dtype == b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cpu":
+        # No 16-bit matmul with an fp32 result on CPU: upcast (the products stay exact).
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    else:
+        # The 16-bit matmul is the fast path: its partial sum is rounded once, then added in fp32.
+        acc += a @ b
+
+
+def _logits(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``rows @ weight.T + bias`` in the dtype of ``rows``; a weight of another dtype is cast by slices."""
+    if weight.dtype == rows.dtype:
+        return rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+    logits = rows.new_empty(rows.shape[0], weight.shape[0])
+    for part in _slices(weight):
+        cast = weight[part].to(rows.dtype)
+        logits[:, part] = rows @ cast.t() if bias is None else torch.addmm(bias[part], rows, cast.t())
+    return logits
+
+
+def _hidden_grad(grad_logits: Tensor, weight: Tensor, out: Tensor) -> None:
+    """``out = grad_logits @ weight``; a weight of another dtype is cast by slices, summed in fp32."""
+    if weight.dtype == grad_logits.dtype:
+        torch.mm(grad_logits, weight, out=out)
         return
-    # A 16-bit matmul per vocabulary slice: its partial sum is rounded once, then added in fp32.
-    for start in range(0, grad_weight.shape[0], _WEIGHT_GRAD_SLICE):
-        stop = start + _WEIGHT_GRAD_SLICE
-        grad_weight[start:stop] += grad_logits[:, start:stop].t() @ rows
+    acc = out.new_zeros(out.shape, dtype=compute_dtype(out.dtype))
+    for part in _slices(weight):
+        _add_product(acc, grad_logits[:, part], weight[part].to(grad_logits.dtype))
+    out.copy_(acc)
+
+
+def _accumulate_weight_grad(grad_weight: Tensor, grad_logits: Tensor, rows: Tensor) -> None:
+    """``grad_weight += grad_logits.T @ rows`` in place, a vocabulary slice at a time."""
+    if grad_weight.device.type == "cpu":
+        rows = rows.to(grad_weight.dtype)  # once per chunk rather than once per slice
+    for part in _slices(grad_weight):
+        _add_product(grad_weight[part], grad_logits[:, part].t(), rows)
 
 
 def _chunked(
@@ -145,8 +202,9 @@ def _chunked(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The loop both custom ops run: per-row losses and the gradients asked for.
 
-    ``hidden`` (tokens x hidden), ``weight`` and ``bias`` are in the compute dtype; ``scale`` is
-    0-d (every row) or one value per row. Gradients not asked for are empty tensors.
+    ``hidden`` (tokens x hidden) and ``bias`` are in the compute dtype, ``weight`` in it or in its
+    own (then cast by slices); ``scale`` is 0-d (every row) or one value per row. Gradients not
+    asked for are empty tensors.
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     _check_targets(target, vocab, ignore_index)
@@ -159,13 +217,13 @@ def _chunked(
     for start in range(0, n_tokens, chunk_size):
         stop = min(start + chunk_size, n_tokens)
         rows = hidden[start:stop]
-        logits = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+        logits = _logits(rows, weight, bias)
         row_scale = scale if scale.dim() == 0 else scale[start:stop]
         step = dispatch(OP_NAME, logits, _torch_softmax_grad, f"{_TRITON_KERNELS}:softmax_grad")
         losses[start:stop] = step(logits, target[start:stop], row_scale, ignore_index, label_smoothing, softcap, compute_grad)
         # From here on ``logits`` holds the gradient of the loss with respect to the logits.
         if need_hidden:
-            torch.mm(logits, weight, out=grad_hidden[start:stop])
+            _hidden_grad(logits, weight, grad_hidden[start:stop])
         if need_weight:
             _accumulate_weight_grad(grad_weight, logits, rows)
         if need_bias:
@@ -237,14 +295,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     ) -> Tensor:
         ignore_index = options[0]
         rows, flat_target = hidden.reshape(-1, hidden.shape[-1]).to(dtype), target.reshape(-1).long()
-        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        b = None if bias is None else bias.to(dtype)
         # fp32 (fp64 for fp64): the loss is accumulated in it, and transformers' loss is fp32 too.
         loss_dtype = compute_dtype(dtype)
         ctx.reduction, ctx.options, ctx.dtype, ctx.needs = reduction, options, dtype, needs
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
         if reduction == "none":
             one = rows.new_ones((), dtype=compute_dtype(dtype))
-            losses = linear_cross_entropy_forward(rows, w, b, flat_target, one, *options, False, False, False)[0]
+            losses = linear_cross_entropy_forward(rows, weight, b, flat_target, one, *options, False, False, False)[0]
             ctx.save_for_backward(hidden, weight, bias, target)
             return losses.to(loss_dtype).view(target.shape)
         accumulate = compute_dtype(dtype)
@@ -254,7 +312,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         one = rows.new_ones((), dtype=accumulate)
         scale = one / count.clamp(min=1) if reduction == "mean" else one
         losses, grad_hidden, grad_weight, grad_bias = linear_cross_entropy_forward(
-            rows, w, b, flat_target, scale, *options, *needs
+            rows, weight, b, flat_target, scale, *options, *needs
         )
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         total = losses.sum()
@@ -271,7 +329,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 rows = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
                 b = None if bias is None else bias.to(dtype)
                 _, grad_hidden, grad_weight, grad_bias = linear_cross_entropy_forward(
-                    rows, weight.to(dtype), b, target.reshape(-1).long(), grad_output.reshape(-1).to(compute_dtype(dtype)).contiguous(),
+                    rows, weight, b, target.reshape(-1).long(), grad_output.reshape(-1).to(compute_dtype(dtype)).contiguous(),
                     *ctx.options, *ctx.needs,
                 )
         else:
@@ -279,8 +337,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             scale = grad_output.to(compute_dtype(ctx.dtype))
             # ``loss.backward()`` brings exactly 1: the saved gradients are the answer, and skipping
             # the multiply saves a weight-sized fp32 copy (a host sync on CUDA, as Liger's check;
-            # not under torch.compile, which cannot branch on data).
-            if torch.compiler.is_compiling() or not torch.equal(scale, torch.ones_like(scale)):
+            # not under torch.compile, which cannot branch on data). Fake tensors (the step-memory
+            # simulation) have no value to compare: they take the branch of ``loss.backward()``.
+            # (Tested after is_compiling: Dynamo cannot trace detect_fake_mode.)
+            if torch.compiler.is_compiling() or (
+                torch._guards.detect_fake_mode((scale,)) is None and not torch.equal(scale, torch.ones_like(scale))
+            ):
                 with torch.no_grad():
                     grad_hidden = grad_hidden * scale.to(grad_hidden.dtype) if need_hidden else grad_hidden
                     grad_weight = grad_weight * scale if need_weight else grad_weight
@@ -386,9 +448,9 @@ def linear_cross_entropy(
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     n_tokens = target.numel()
-    chunk = chunk_size or default_chunk_size(n_tokens, weight.shape[0])
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
+    chunk = chunk_size or default_chunk_size(n_tokens, weight.shape[0], needs[1])
     options = (int(ignore_index), float(label_smoothing), float(logit_softcap or 0.0), int(chunk))
     return LinearCrossEntropyFunction.apply(hidden, weight, bias, target, reduction, options, dtype, needs)

@@ -6,6 +6,12 @@ config (no pretrained LLaMA is available offline, so the base is randomly initia
 frozen) with PEFT LoRA adapters, and reports loss and torchmetrics perplexity. Meant to run in
 bf16: ``Trainer(precision="bf16-mixed")`` or ``plugins=[ApproxBPPrecision("bf16-mixed")]``.
 
+The training step passes the labels to the model and uses only its loss, the way transformers
+computes it (shifted by one, ``-100`` ignored). That is what lets the ApproxBP callback's default
+``fused_loss="auto"`` route it through the fused linear + cross-entropy: in training the
+``tokens x vocab`` logits are never built and ``outputs.logits`` is ``None``, which the conversion
+report states. Validation runs in eval mode, where the model returns its logits as usual.
+
 Example::
 
     from lightning.pytorch import Trainer
@@ -149,20 +155,19 @@ class LoRACausalLM(LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+    def _outputs(self, batch: dict[str, Tensor]) -> Any:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        # Only the loss: reading outputs.logits here would keep the fused loss off (it makes them None).
+        loss = self._outputs(batch).loss
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        self.log("val_loss", self._loss(logits, batch["labels"]), prog_bar=True)
-        self.val_ppl(logits[:, :-1].float(), batch["labels"][:, 1:])
+        outputs = self._outputs(batch)
+        self.log("val_loss", outputs.loss, prog_bar=True)
+        self.val_ppl(outputs.logits[:, :-1].float(), batch["labels"][:, 1:])
         self.log("val_ppl", self.val_ppl, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

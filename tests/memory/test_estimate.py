@@ -59,6 +59,21 @@ def test_the_simulated_peak_equals_a_real_cpu_run(name: str, precision: str, con
 
 
 @pytest.mark.filterwarnings("ignore:Module is None")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_fused_loss_is_simulated_as_it_runs(precision: str):
+    """The fused linear + cross-entropy on fake tensors (no value to test its incoming gradient
+    against 1) takes the branch ``loss.backward()`` takes for real: the same peak as a real run."""
+    model, batch = tiny_llama()
+    config = ConversionConfig(fused_loss=True)
+    estimate = estimate_step_memory(model, batch, precision=precision, convert=config)
+    assert any("fused linear" in row.strategy for row in estimate.conversion.rows)
+    real = copy.deepcopy(model)
+    convert(real, first_samples(batch), config=config)
+    expected = real_peak(real, batch, autocast=precision == "bf16-mixed")
+    assert estimate.peak_bytes == expected["Total"]
+
+
+@pytest.mark.filterwarnings("ignore:Module is None")
 def test_the_real_model_is_not_touched():
     model, batch = tiny_llama()
     before = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}

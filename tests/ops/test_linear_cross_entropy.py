@@ -130,6 +130,63 @@ def test_bf16_autocast_is_as_accurate_as_eager_autocast(label_smoothing, softcap
         assert mine <= 2 * theirs + bf16_unit / 8, (name, mine, theirs)
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("label_smoothing, softcap", [(0.0, None), (0.1, 3.0)])
+def test_an_fp32_weight_cast_by_vocabulary_slices_under_autocast(monkeypatch, frozen, label_smoothing, softcap):
+    """Slices of 7 rows (no divisor of the vocabulary): as accurate as eager autocast against fp64."""
+    monkeypatch.setattr(lce, "_SLICE_BYTES", 7 * 4 * 64)
+    h, w, b, target = _inputs(45, 64, 333, ignored=(1, 2, 40))
+    w.requires_grad_(not frozen)
+    options = {"label_smoothing": label_smoothing, "logit_softcap": softcap}
+    ours = _bf16_error(True, h, w, b, target, **options)
+    eager = _bf16_error(False, h, w, b, target, **options)
+    bf16_unit = torch.finfo(torch.bfloat16).eps
+    names = ("loss", "hidden", "bias") if frozen else ("loss", "hidden", "weight", "bias")
+    for name, mine, theirs in zip(names, ours, eager):
+        assert mine <= 2 * theirs + bf16_unit / 8, (name, mine, theirs)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_weight_gradient_slices_accumulate_in_place_exactly(monkeypatch, dtype):
+    """Several slices per chunk and several chunks: the weight gradient against fp64, in the dtype's rounding."""
+    monkeypatch.setattr(lce, "_SLICE_BYTES", 5 * 4 * 24)
+    h, w, b, target = _inputs(7, 24, 101, dtype, ignored=(3,))
+    loss, grads = _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, chunk_size=3)
+    ref_loss, ref_grads = _reference(h, w, b, target)
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    for name, ours, theirs in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol, msg=name)
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The number of elements of every tensor the ops under it return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.sizes += [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_an_fp32_weight_under_autocast_is_never_copied_whole(monkeypatch):
+    """The chunk loop (the custom op's body, which dispatch modes do not enter) makes no weight-sized
+    tensor but the fp32 weight gradient: no whole bf16 copy of the weight, no 16-bit partial product."""
+    tokens, width, vocab = 32, 16, 512
+    monkeypatch.setattr(lce, "_SLICE_BYTES", 64 * 4 * width)
+    h = torch.randn(tokens, width, dtype=torch.bfloat16)
+    w = torch.randn(vocab, width) / width**0.5
+    target = torch.randint(0, vocab, (tokens,))
+    with _Allocations() as allocations:
+        _, grad_hidden, grad_weight, _ = lce._chunked(h, w, None, target, torch.ones(()), -100, 0.0, 0.0, 8,
+                                                      True, True, False)
+    assert grad_weight.dtype == torch.float32 and grad_hidden.dtype == torch.bfloat16
+    assert sorted(allocations.sizes)[-2:] == [tokens * vocab // 4, vocab * width]  # a chunk's logits, grad_weight
+
+
 def test_a_bf16_head_outside_autocast_returns_an_fp32_loss_and_bf16_gradients():
     h, w, b, target = _inputs(9, 16, 40, torch.bfloat16)
     loss, grads = _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, chunk_size=4)
@@ -223,6 +280,8 @@ def test_default_chunk_rule():
     assert lce.default_chunk_size(4096, 128256) == 256
     assert lce.default_chunk_size(4096, 32000) * 32000 * 4 <= lce.CHUNK_LOGITS_BYTES
     assert lce.default_chunk_size(3, 128256) == 3
+    assert lce.default_chunk_size(4096, 128256, weight_trains=True) == lce.MIN_WEIGHT_GRAD_CHUNK
+    assert lce.default_chunk_size(100, 128256, weight_trains=True) == 100
     assert lce.default_chunk_size(0, 10) == 1
     assert lce.default_chunk_size(10**6, 10**9) == 1
 
