@@ -34,6 +34,7 @@ from lightning_approxbp.conversion.gated_experts import (
     detect_gated_experts,
 )
 from lightning_approxbp.conversion.gated_mlp import (
+    PACKED_LEFT_EXACT,
     FusedGatedMLP,
     GatedMLPSpec,
     build_fused_gated_mlp,
@@ -109,8 +110,8 @@ def _is_converted(module: nn.Module) -> bool:
 
 def _features(spec: NormSpec) -> int | None:
     """The norm's feature count when it normalises the last axis only (what a linear layer
-    reads, so its affine can move there); ``None`` for several axes."""
-    return spec.normalized_shape[0] if len(spec.normalized_shape) == 1 else None
+    reads, so its affine can move there); ``None`` for several axes or channels first."""
+    return spec.normalized_shape[0] if len(spec.normalized_shape) == 1 and not spec.channels_first else None
 
 
 def _min_abs_gamma(norm: nn.Module, offset: float) -> float | None:
@@ -184,7 +185,7 @@ class _Conversion:
                 continue
             if self.filter is not None and not self.filter(module, site.fqn):
                 continue
-            if self.config.gated_mlp and self._add_gated_mlp(site):
+            if self._add_gated_mlp(site):
                 continue
             if self.config.dropout and type(module) is nn.Dropout:
                 if module.p > 0 and site.holders:
@@ -202,19 +203,39 @@ class _Conversion:
         return self.structure.recognise(name, module, lambda m: detect(m, values=self.structure.twin))
 
     def _add_gated_mlp(self, site: Site) -> bool:
-        """Record a fusable gated MLP or set of gated experts (True), or report why one cannot be fused."""
+        """Record a fusable gated MLP or set of gated experts, or leave a packed gated MLP that
+        cannot be fused exact (True: the site is dealt with); report why one cannot be fused."""
         spec, why_not = self._recognise("gated_mlp", site.module, detect_gated_mlp)
+        kind = type(site.module).__name__
+        if not self.config.gated_mlp:
+            if spec is None or not spec.packed:
+                return False
+            why_not = "gated_mlp=False" + PACKED_LEFT_EXACT
         if why_not is not None:
-            self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=f"gated MLP not fused: {why_not}")
+            self.report.add(site.fqn, kind, "skipped", reason=f"gated MLP not fused: {why_not}")
+            if spec is not None:  # packed: its activation stays exact too
+                self._leave_activation_exact(site, spec)
+                return True
         if spec is None and why_not is None:
             spec, why_not = self._recognise("gated_experts", site.module, detect_gated_experts)
             if why_not is not None:
-                self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=why_not)
+                self.report.add(site.fqn, kind, "skipped", reason=why_not)
         if spec is None or not site.holders:
             return False
         self.gated_mlps.append((site, spec))
         self._skip_fused_activation(site.module, spec)
         return True
+
+    def _leave_activation_exact(self, site: Site, spec: GatedMLPSpec) -> None:
+        """The activation of a packed gated MLP that is not fused: a row saying why it stays exact."""
+        self._skip_fused_activation(site.module, spec)
+        if spec.activation_child is not None:
+            child = getattr(site.module, spec.activation_child)
+            self.report.add(
+                f"{site.fqn}.{spec.activation_child}" if site.fqn else spec.activation_child, type(child).__name__,
+                "skipped", reason=f"left exact: inside the packed gated MLP {site.fqn or 'at the root'}, which is not "
+                "fused (its row says why a step derivative would save nothing there)",
+            )
 
     def _skip_fused_activation(self, mlp: nn.Module, spec: GatedMLPSpec | GatedExpertsSpec) -> None:
         if spec.activation_child is not None:
@@ -285,10 +306,15 @@ class _Conversion:
                                 "each expert saves its gate and up outputs only; exact gradients")
                 continue
             self.log.replace_site(site, build_fused_gated_mlp(site.module, spec))
-            self.report.add(
-                site.fqn, kind, "converted", f"fused gated MLP ({spec.activation})",
-                f"saves the {spec.gate} and {spec.up} outputs only; exact gradients",
-            )
+            if spec.packed:
+                strategy = f"fused packed gated MLP ({spec.activation})"
+                halves = "first" if spec.gate_first else "second"
+                why = (f"packed: {spec.gate} makes gate ({halves} half) and up, and the forward splits its output; "
+                       f"saves that output only (not the product, nor what the activation keeps); exact gradients")
+            else:
+                strategy = f"fused gated MLP ({spec.activation})"
+                why = f"saves the {spec.gate} and {spec.up} outputs only; exact gradients"
+            self.report.add(site.fqn, kind, "converted", strategy, why)
         order = {site.fqn: index for index, site in enumerate(self.sites)}
         self.report.rows.sort(key=lambda row: order.get(row.fqn, order.get(row.fqn.rpartition(".")[0], len(order))))
 
