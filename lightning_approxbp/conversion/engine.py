@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from lightning_approxbp.conversion.blocks import (
     block_outputs,
     capture_inputs,
 )
+from lightning_approxbp.conversion.calls import FUNCTION_FORMS, ActivationCalls
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses
 from lightning_approxbp.conversion.fused_loss import LogitsWatch, apply_fused_loss
@@ -72,6 +73,8 @@ from lightning_approxbp.conversion.structure import (
 from lightning_approxbp.conversion.walker import ModuleFilter, Site, SwapLog, sites
 from lightning_approxbp.errors import ProbeError
 from lightning_approxbp.nn import RegeneratedDropout, StepActivation
+
+T = TypeVar("T")
 
 # Up to this many blocks of one kind, the whole model's output is compared too.
 _WHOLE_MODEL_MAX_REPEATS = 4
@@ -274,11 +277,43 @@ class _Conversion:
 
     # ----------------------------------------------------------------------- probe + decide
     def trace(self, probe: ProbeFn, compute_free: bool = False) -> ProbeRun:
-        norms = {c.site.module: _features(c.spec) for c in self.norms}
-        run = run_probe(self.root, probe, trace_norms=norms, compute_free=compute_free)
+        """The reference probe run: where each norm's output goes, and which activations are
+        called as functions (reported as left exact)."""
+        norms = {c.site.module: _features(c.spec) for c in self.norms} if self.norms else None
+        run = run_probe(
+            self.root, probe, trace_norms=norms, compute_free=compute_free, watch_activations=self.config.activations
+        )
         for candidate in self.norms:
             candidate.uses = run.norm_uses[candidate.site.module]
         return run
+
+    def report_activation_calls(self, calls: ActivationCalls) -> None:
+        """A row for each activation called as a function inside a forward that nothing converts."""
+        covered = {id(site.module) for site, _ in self.gated_mlps}
+        for module, name in calls:
+            site = self.site_of.get(id(module))
+            if site is None or id(module) in covered or self._calls_are_covered(site):
+                continue
+            function, module_form = FUNCTION_FORMS[name]
+            short = function.removeprefix("F.")
+            self.report.add(
+                f"{site.fqn}.{short}()" if site.fqn else f"{short}()", f"{function} in {type(module).__name__}.forward",
+                "skipped", reason=f"left exact: a {name} computed by calling {function} inside forward cannot be "
+                f"swapped (only modules and function attributes can); make it a module (self.act = {module_form}) "
+                "to convert it",
+            )
+
+    def _calls_are_covered(self, site: Site) -> bool:
+        """The calls in this module's forward belong to something with a row of its own: the
+        module is an activation, holds one as a function attribute, or was converted."""
+        module = site.module
+        if _is_converted(module) or (self.filter is not None and not self.filter(module, site.fqn)):
+            return True
+        if is_activation_candidate(module) and (
+            looks_like_activation(module) or self.structure.recognise("activation", module, identify_activation)
+        ):
+            return True
+        return any(identify_activation(function) is not None for _, function in function_attributes(module))
 
     def apply(self) -> None:
         for site, name in self.activations:
@@ -447,15 +482,21 @@ def _to_meta(leaf: Any) -> Any:
     return leaf.to("meta") if isinstance(leaf, Tensor) else leaf
 
 
-def _compute_free_or_real(run: Callable[[bool], ProbeRun | None], compute_free: bool) -> ProbeRun | None:
-    """``run(True)``, or ``run(False)`` when a forward on fake tensors fails (it needed values;
-    on the meta device, ``run(False)`` runs on meta tensors, which suits some models better)."""
-    if compute_free:
-        try:
-            return run(True)
-        except Exception:  # noqa: BLE001 - e.g. a data-dependent branch or `.item()` in the model's forward
-            pass
-    return run(False)
+class _ProbeRunner:
+    """Runs the probe on fake tensors while that works, else on real ones: a forward that needs
+    values fails on fake tensors once, and every later run goes straight to real tensors (on the
+    meta device, real means meta tensors, which suits some models better)."""
+
+    def __init__(self, compute_free: bool) -> None:
+        self.compute_free = compute_free
+
+    def __call__(self, run: Callable[[bool], T]) -> T:
+        if self.compute_free:
+            try:
+                return run(True)
+            except Exception:  # noqa: BLE001 - e.g. a data-dependent branch or `.item()` in the model's forward
+                self.compute_free = False
+        return run(False)
 
 
 def _whole_model_note(has_values: bool, kinds: list[BlockKind]) -> str:
@@ -566,18 +607,16 @@ def convert(
     # Without a whole-model comparison, the probe only traces and counts: fake tensors do that
     # without the arithmetic, and transformers skips its data-dependent checks on them (a model
     # whose forward needs values runs as it is instead).
-    compute_free = not whole_model_check
+    runner = _ProbeRunner(compute_free=not (whole_model_check and config.verify))
 
     def reference_run(compute_free: bool) -> ProbeRun | None:
         with capture_inputs(kinds):
-            if probe is not None and conversion.norms:
+            if probe is not None and (conversion.norms or any(others) or config.activations):
                 return conversion.trace(probe, compute_free)
-            if probe is not None and any(others):
-                return run_probe(module, probe, compute_free=compute_free)
         return None
 
     try:
-        reference = _compute_free_or_real(reference_run, compute_free)
+        reference = runner(reference_run)
     except Exception as error:
         raise ProbeError(report.probe, error) from error
     if reference is not None and not any(t.numel() for t in reference.outputs):
@@ -585,14 +624,22 @@ def convert(
             f"ApproxBP: the probe ({report.probe}) produced no output elements (an empty batch?), so nothing "
             "could be traced or verified. Pass a batch with at least one sample; the model was not changed."
         )
-    block_checks = conversion.prepare_block_checks(kinds) if reference is not None and config.verify else []
+    if reference is not None:
+        conversion.report_activation_calls(reference.activation_calls)
+    candidates = bool(conversion.norms or any(others))
+    block_checks = conversion.prepare_block_checks(kinds) if reference is not None and config.verify and candidates else []
     conversion.apply()
     if probe is None:
         if conversion.norms:
             report.notes.append(_NO_PROBE_NOTE)
+    elif reference is not None and not report.converted:
+        # Nothing changed: the reference run measured the model as it stays, so it is not run again.
+        report.bytes_before = report.bytes_after = reference.saved_bytes
     elif reference is not None:
+        # The second run measures the converted model's saved bytes (on fake tensors where no
+        # value is compared) and gives the whole-model output that verification compares.
         try:
-            converted = _compute_free_or_real(lambda free: run_probe(module, probe, compute_free=free), compute_free)
+            converted = runner(lambda free: run_probe(module, probe, compute_free=free))
         except Exception as error:
             conversion.log.undo_all()
             raise RuntimeError(
