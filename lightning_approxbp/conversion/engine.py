@@ -365,7 +365,8 @@ class _Conversion:
             site.module, spec, decision.strategy, decision.dtype_policy, min_keep_weight=self.config.min_keep_weight
         )
         self.log.replace_site(site, new)
-        strategy = f"{spec.kind} {decision.strategy}, output={decision.dtype_policy}"
+        layout = " channels-first" if spec.channels_first else ""
+        strategy = f"{spec.kind}{layout} {decision.strategy}, output={decision.dtype_policy}"
         self.report.add(site.fqn, kind, "converted", strategy, decision.reason)
         for consumer in decision.consumers:
             consumer_site = self.site_of[id(consumer)]
