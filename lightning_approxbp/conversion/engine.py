@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from lightning_approxbp.conversion.blocks import (
     block_outputs,
     capture_inputs,
 )
+from lightning_approxbp.conversion.calls import FUNCTION_FORMS, ActivationCalls
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses
 from lightning_approxbp.conversion.fused_loss import LogitsWatch, apply_fused_loss
@@ -34,6 +35,7 @@ from lightning_approxbp.conversion.gated_experts import (
     detect_gated_experts,
 )
 from lightning_approxbp.conversion.gated_mlp import (
+    PACKED_LEFT_EXACT,
     FusedGatedMLP,
     GatedMLPSpec,
     build_fused_gated_mlp,
@@ -72,6 +74,8 @@ from lightning_approxbp.conversion.walker import ModuleFilter, Site, SwapLog, si
 from lightning_approxbp.errors import ProbeError
 from lightning_approxbp.nn import RegeneratedDropout, StepActivation
 
+T = TypeVar("T")
+
 # Up to this many blocks of one kind, the whole model's output is compared too.
 _WHOLE_MODEL_MAX_REPEATS = 4
 _NO_PROBE_NOTE = (
@@ -109,8 +113,8 @@ def _is_converted(module: nn.Module) -> bool:
 
 def _features(spec: NormSpec) -> int | None:
     """The norm's feature count when it normalises the last axis only (what a linear layer
-    reads, so its affine can move there); ``None`` for several axes."""
-    return spec.normalized_shape[0] if len(spec.normalized_shape) == 1 else None
+    reads, so its affine can move there); ``None`` for several axes or channels first."""
+    return spec.normalized_shape[0] if len(spec.normalized_shape) == 1 and not spec.channels_first else None
 
 
 def _min_abs_gamma(norm: nn.Module, offset: float) -> float | None:
@@ -184,7 +188,7 @@ class _Conversion:
                 continue
             if self.filter is not None and not self.filter(module, site.fqn):
                 continue
-            if self.config.gated_mlp and self._add_gated_mlp(site):
+            if self._add_gated_mlp(site):
                 continue
             if self.config.dropout and type(module) is nn.Dropout:
                 if module.p > 0 and site.holders:
@@ -202,19 +206,39 @@ class _Conversion:
         return self.structure.recognise(name, module, lambda m: detect(m, values=self.structure.twin))
 
     def _add_gated_mlp(self, site: Site) -> bool:
-        """Record a fusable gated MLP or set of gated experts (True), or report why one cannot be fused."""
+        """Record a fusable gated MLP or set of gated experts, or leave a packed gated MLP that
+        cannot be fused exact (True: the site is dealt with); report why one cannot be fused."""
         spec, why_not = self._recognise("gated_mlp", site.module, detect_gated_mlp)
+        kind = type(site.module).__name__
+        if not self.config.gated_mlp:
+            if spec is None or not spec.packed:
+                return False
+            why_not = "gated_mlp=False" + PACKED_LEFT_EXACT
         if why_not is not None:
-            self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=f"gated MLP not fused: {why_not}")
+            self.report.add(site.fqn, kind, "skipped", reason=f"gated MLP not fused: {why_not}")
+            if spec is not None:  # packed: its activation stays exact too
+                self._leave_activation_exact(site, spec)
+                return True
         if spec is None and why_not is None:
             spec, why_not = self._recognise("gated_experts", site.module, detect_gated_experts)
             if why_not is not None:
-                self.report.add(site.fqn, type(site.module).__name__, "skipped", reason=why_not)
+                self.report.add(site.fqn, kind, "skipped", reason=why_not)
         if spec is None or not site.holders:
             return False
         self.gated_mlps.append((site, spec))
         self._skip_fused_activation(site.module, spec)
         return True
+
+    def _leave_activation_exact(self, site: Site, spec: GatedMLPSpec) -> None:
+        """The activation of a packed gated MLP that is not fused: a row saying why it stays exact."""
+        self._skip_fused_activation(site.module, spec)
+        if spec.activation_child is not None:
+            child = getattr(site.module, spec.activation_child)
+            self.report.add(
+                f"{site.fqn}.{spec.activation_child}" if site.fqn else spec.activation_child, type(child).__name__,
+                "skipped", reason=f"left exact: inside the packed gated MLP {site.fqn or 'at the root'}, which is not "
+                "fused (its row says why a step derivative would save nothing there)",
+            )
 
     def _skip_fused_activation(self, mlp: nn.Module, spec: GatedMLPSpec | GatedExpertsSpec) -> None:
         if spec.activation_child is not None:
@@ -253,11 +277,43 @@ class _Conversion:
 
     # ----------------------------------------------------------------------- probe + decide
     def trace(self, probe: ProbeFn, compute_free: bool = False) -> ProbeRun:
-        norms = {c.site.module: _features(c.spec) for c in self.norms}
-        run = run_probe(self.root, probe, trace_norms=norms, compute_free=compute_free)
+        """The reference probe run: where each norm's output goes, and which activations are
+        called as functions (reported as left exact)."""
+        norms = {c.site.module: _features(c.spec) for c in self.norms} if self.norms else None
+        run = run_probe(
+            self.root, probe, trace_norms=norms, compute_free=compute_free, watch_activations=self.config.activations
+        )
         for candidate in self.norms:
             candidate.uses = run.norm_uses[candidate.site.module]
         return run
+
+    def report_activation_calls(self, calls: ActivationCalls) -> None:
+        """A row for each activation called as a function inside a forward that nothing converts."""
+        covered = {id(site.module) for site, _ in self.gated_mlps}
+        for module, name in calls:
+            site = self.site_of.get(id(module))
+            if site is None or id(module) in covered or self._calls_are_covered(site):
+                continue
+            function, module_form = FUNCTION_FORMS[name]
+            short = function.removeprefix("F.")
+            self.report.add(
+                f"{site.fqn}.{short}()" if site.fqn else f"{short}()", f"{function} in {type(module).__name__}.forward",
+                "skipped", reason=f"left exact: a {name} computed by calling {function} inside forward cannot be "
+                f"swapped (only modules and function attributes can); make it a module (self.act = {module_form}) "
+                "to convert it",
+            )
+
+    def _calls_are_covered(self, site: Site) -> bool:
+        """The calls in this module's forward belong to something with a row of its own: the
+        module is an activation, holds one as a function attribute, or was converted."""
+        module = site.module
+        if _is_converted(module) or (self.filter is not None and not self.filter(module, site.fqn)):
+            return True
+        if is_activation_candidate(module) and (
+            looks_like_activation(module) or self.structure.recognise("activation", module, identify_activation)
+        ):
+            return True
+        return any(identify_activation(function) is not None for _, function in function_attributes(module))
 
     def apply(self) -> None:
         for site, name in self.activations:
@@ -285,10 +341,15 @@ class _Conversion:
                                 "each expert saves its gate and up outputs only; exact gradients")
                 continue
             self.log.replace_site(site, build_fused_gated_mlp(site.module, spec))
-            self.report.add(
-                site.fqn, kind, "converted", f"fused gated MLP ({spec.activation})",
-                f"saves the {spec.gate} and {spec.up} outputs only; exact gradients",
-            )
+            if spec.packed:
+                strategy = f"fused packed gated MLP ({spec.activation})"
+                halves = "first" if spec.gate_first else "second"
+                why = (f"packed: {spec.gate} makes gate ({halves} half) and up, and the forward splits its output; "
+                       f"saves that output only (not the product, nor what the activation keeps); exact gradients")
+            else:
+                strategy = f"fused gated MLP ({spec.activation})"
+                why = f"saves the {spec.gate} and {spec.up} outputs only; exact gradients"
+            self.report.add(site.fqn, kind, "converted", strategy, why)
         order = {site.fqn: index for index, site in enumerate(self.sites)}
         self.report.rows.sort(key=lambda row: order.get(row.fqn, order.get(row.fqn.rpartition(".")[0], len(order))))
 
@@ -304,7 +365,8 @@ class _Conversion:
             site.module, spec, decision.strategy, decision.dtype_policy, min_keep_weight=self.config.min_keep_weight
         )
         self.log.replace_site(site, new)
-        strategy = f"{spec.kind} {decision.strategy}, output={decision.dtype_policy}"
+        layout = " channels-first" if spec.channels_first else ""
+        strategy = f"{spec.kind}{layout} {decision.strategy}, output={decision.dtype_policy}"
         self.report.add(site.fqn, kind, "converted", strategy, decision.reason)
         for consumer in decision.consumers:
             consumer_site = self.site_of[id(consumer)]
@@ -421,15 +483,21 @@ def _to_meta(leaf: Any) -> Any:
     return leaf.to("meta") if isinstance(leaf, Tensor) else leaf
 
 
-def _compute_free_or_real(run: Callable[[bool], ProbeRun | None], compute_free: bool) -> ProbeRun | None:
-    """``run(True)``, or ``run(False)`` when a forward on fake tensors fails (it needed values;
-    on the meta device, ``run(False)`` runs on meta tensors, which suits some models better)."""
-    if compute_free:
-        try:
-            return run(True)
-        except Exception:  # noqa: BLE001 - e.g. a data-dependent branch or `.item()` in the model's forward
-            pass
-    return run(False)
+class _ProbeRunner:
+    """Runs the probe on fake tensors while that works, else on real ones: a forward that needs
+    values fails on fake tensors once, and every later run goes straight to real tensors (on the
+    meta device, real means meta tensors, which suits some models better)."""
+
+    def __init__(self, compute_free: bool) -> None:
+        self.compute_free = compute_free
+
+    def __call__(self, run: Callable[[bool], T]) -> T:
+        if self.compute_free:
+            try:
+                return run(True)
+            except Exception:  # noqa: BLE001 - e.g. a data-dependent branch or `.item()` in the model's forward
+                self.compute_free = False
+        return run(False)
 
 
 def _whole_model_note(has_values: bool, kinds: list[BlockKind]) -> str:
@@ -543,18 +611,16 @@ def convert(
     # Without a whole-model comparison, the probe only traces and counts: fake tensors do that
     # without the arithmetic, and transformers skips its data-dependent checks on them (a model
     # whose forward needs values runs as it is instead).
-    compute_free = not whole_model_check
+    runner = _ProbeRunner(compute_free=not (whole_model_check and config.verify))
 
     def reference_run(compute_free: bool) -> ProbeRun | None:
         with capture_inputs(kinds):
-            if probe is not None and conversion.norms:
+            if probe is not None and (conversion.norms or any(others) or config.activations):
                 return conversion.trace(probe, compute_free)
-            if probe is not None and any(others):
-                return run_probe(module, probe, compute_free=compute_free)
         return None
 
     try:
-        reference = _compute_free_or_real(reference_run, compute_free)
+        reference = runner(reference_run)
     except Exception as error:
         raise ProbeError(report.probe, error) from error
     if reference is not None and not any(t.numel() for t in reference.outputs):
@@ -562,14 +628,22 @@ def convert(
             f"ApproxBP: the probe ({report.probe}) produced no output elements (an empty batch?), so nothing "
             "could be traced or verified. Pass a batch with at least one sample; the model was not changed."
         )
-    block_checks = conversion.prepare_block_checks(kinds) if reference is not None and config.verify else []
+    if reference is not None:
+        conversion.report_activation_calls(reference.activation_calls)
+    candidates = bool(conversion.norms or any(others))
+    block_checks = conversion.prepare_block_checks(kinds) if reference is not None and config.verify and candidates else []
     conversion.apply()
     if probe is None:
         if conversion.norms:
             report.notes.append(_NO_PROBE_NOTE)
+    elif reference is not None and not report.converted:
+        # Nothing changed: the reference run measured the model as it stays, so it is not run again.
+        report.bytes_before = report.bytes_after = reference.saved_bytes
     elif reference is not None:
+        # The second run measures the converted model's saved bytes (on fake tensors where no
+        # value is compared) and gives the whole-model output that verification compares.
         try:
-            converted = _compute_free_or_real(lambda free: run_probe(module, probe, compute_free=free), compute_free)
+            converted = runner(lambda free: run_probe(module, probe, compute_free=free))
         except Exception as error:
             conversion.log.undo_all()
             raise RuntimeError(

@@ -7,6 +7,12 @@ attribute) and confirmed by **probing** (the module's own output on a random inp
 the formula, which also tells gate from up). No class names are listed, so LLaMA, Mistral,
 Qwen2, Gemma, Phi-style and custom MLPs are all found, and LoRA-wrapped gate/up projections too.
 
+A *packed* gated MLP (Phi-3's ``gate_up_proj``) has two children: one projection makes gate and
+up side by side (hidden to twice the intermediate size) and the forward splits its output in two
+(``chunk`` or slicing); probing tells which half is the gate. Gate and up are then halves of one
+tensor, which the product saves anyway, so where such an MLP cannot be fused its activation is
+left exact: a step derivative on its own would save nothing there and make gradients approximate.
+
 The replacement, :class:`FusedGatedMLP`, keeps the same children under the same names (state
 dict unchanged) and runs :func:`~lightning_approxbp.ops.gated_mlp.gated_down_projection`: only
 ``g`` and ``u`` are saved, and the gradients are exact (not a step derivative).
@@ -29,7 +35,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import permutations
 from typing import TypeVar
@@ -50,13 +56,29 @@ M = TypeVar("M", bound=nn.Module)
 
 @dataclass(frozen=True)
 class GatedMLPSpec:
-    """Which children play which role, and the activation (a registry name)."""
+    """Which children play which role, and the activation (a registry name).
+
+    Packed (``gate == up``): that one projection's output holds gate and up as its two halves,
+    the gate first when ``gate_first``.
+    """
 
     gate: str
     up: str
     down: str
     activation: str
     activation_child: str | None
+    gate_first: bool = True
+
+    @property
+    def packed(self) -> bool:
+        return self.gate == self.up
+
+
+# Why the activation of a packed gated MLP that is not fused stays exact (see the module docstring).
+PACKED_LEFT_EXACT = (
+    "; its activation is left exact: gate and up are halves of one tensor, which the product saves anyway, "
+    "so a step derivative would save nothing and make gradients approximate"
+)
 
 
 def _projections(module: nn.Module) -> dict[str, nn.Module]:
@@ -79,38 +101,65 @@ def find_activation(module: nn.Module) -> tuple[str, str | None] | None:
     return found[0] if len(found) == 1 else None
 
 
+def gate_and_up(spec: GatedMLPSpec, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The gate and up projections' outputs for ``x`` (the two halves of one output when packed)."""
+    if not spec.packed:
+        return getattr(module, spec.gate)(x), getattr(module, spec.up)(x)
+    first, second = getattr(module, spec.gate)(x).chunk(2, dim=-1)
+    return (first, second) if spec.gate_first else (second, first)
+
+
 def _formula(spec: GatedMLPSpec, module: nn.Module, x: Tensor) -> Tensor:
-    gate, up, down = (getattr(module, name) for name in (spec.gate, spec.up, spec.down))
-    return down(get_activation(spec.activation).torch_forward(gate(x)) * up(x))
+    g, u = gate_and_up(spec, module, x)
+    return getattr(module, spec.down)(get_activation(spec.activation).torch_forward(g) * u)
+
+
+def _role_candidates(
+    projections: dict[str, nn.Module], activation: tuple[str, str | None]
+) -> Iterator[tuple[GatedMLPSpec, int]]:
+    """Every assignment of roles the sizes allow, with the hidden size: gate, up and down among
+    three projections; or a packed gate-and-up projection (either half the gate) and down among two."""
+    sizes = {name: (p.in_features, p.out_features) for name, p in projections.items()}
+    if len(projections) == 3:
+        for gate, up, down in permutations(projections):
+            hidden, intermediate = sizes[gate]
+            if sizes[up] == (hidden, intermediate) and sizes[down] == (intermediate, hidden):
+                yield GatedMLPSpec(gate, up, down, *activation), hidden
+    elif len(projections) == 2:
+        for packed, down in permutations(projections):
+            hidden, doubled = sizes[packed]
+            if doubled % 2 == 0 and sizes[down] == (doubled // 2, hidden):
+                for gate_first in (True, False):
+                    yield GatedMLPSpec(packed, packed, down, *activation, gate_first=gate_first), hidden
 
 
 def detect_gated_mlp(
     module: nn.Module, values: Callable[[nn.Module], nn.Module] | None = None
 ) -> tuple[GatedMLPSpec | None, str | None]:
     """``(spec, None)`` for a fusable gated MLP; ``(None, reason)`` for one that cannot be fused;
-    ``(None, None)`` for anything else. ``values`` gives the module to probe (e.g. a materialised
-    twin of a module on the meta device); default: ``module`` itself."""
+    ``(spec, reason)`` for a packed one that cannot be fused (the spec says which activation to
+    leave exact); ``(None, None)`` for anything else. ``values`` gives the module to probe (e.g.
+    a materialised twin of a module on the meta device); default: ``module`` itself."""
     projections = _projections(module)
-    if len(projections) != 3 or next(module.parameters(recurse=False), None) is not None:
+    if len(projections) not in (2, 3) or next(module.parameters(recurse=False), None) is not None:
         return None, None
     activation = find_activation(module)
     if activation is None:
         return None, None
-    sizes = {name: (p.in_features, p.out_features) for name, p in projections.items()}
-    for gate, up, down in permutations(projections):
-        hidden, intermediate = sizes[gate]
-        if sizes[up] != (hidden, intermediate) or sizes[down] != (intermediate, hidden):
+    probed = None
+    for spec, hidden in _role_candidates(projections, activation):
+        if probed is None:
+            probed = values(module) if values else module
+        if not _reproduces(probed, spec, hidden):
             continue
-        spec = GatedMLPSpec(gate, up, down, activation[0], activation[1])
-        if not _reproduces(values(module) if values else module, spec, hidden):
-            continue
-        down_layer = projections[down]
+        down_layer = projections[spec.down]
         if type(down_layer) is not nn.Linear:
-            return None, (
+            reason = (
                 f"its down projection is a {type(down_layer).__module__}.{type(down_layer).__qualname__}, not a "
                 "plain torch.nn.Linear: the fused op needs "
                 "the weight itself (e.g. a LoRA-wrapped down projection also reads the product)"
             )
+            return (spec, reason + PACKED_LEFT_EXACT) if spec.packed else (None, reason)
         return spec, None
     return None, None
 
@@ -147,11 +196,12 @@ class FusedGatedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         spec = self.spec
         down = getattr(self, spec.down)
-        g, u = getattr(self, spec.gate)(x), getattr(self, spec.up)(x)
+        g, u = gate_and_up(spec, self, x)
         return gated_down_projection(g, u, down.weight, down.bias, activation=spec.activation)
 
     def extra_repr(self) -> str:
-        return f"approxbp: fused gated MLP ({self.spec.activation}), saves gate and up outputs only, exact gradients"
+        packed = "packed " if self.spec.packed else ""
+        return f"approxbp: fused {packed}gated MLP ({self.spec.activation}), saves gate and up outputs only, exact gradients"
 
 
 def build_fused_gated_mlp(original: nn.Module, spec: GatedMLPSpec) -> FusedGatedMLP:

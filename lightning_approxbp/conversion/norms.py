@@ -3,8 +3,12 @@
 ``nn.LayerNorm`` and ``nn.RMSNorm`` are read directly. Other norms (the RMSNorm classes of
 Llama, Mistral, Qwen2, T5, Gemma's ``(1 + w)`` form, custom LayerNorms) are recognised by
 structure: a 1-D ``weight`` (and optional ``bias``) as their whole state, and an ``eps`` or
-``variance_epsilon`` attribute. Each candidate form (RMS, RMS with ``1 + w``, centred) is then
-checked numerically against the module's own output; a module that matches none is left alone.
+``variance_epsilon`` attribute; an affine-free one by its ``eps`` and ``normalized_shape``
+attributes. Each candidate form (RMS, RMS with ``1 + w``, centred) is then checked numerically
+against the module's own output, over the last axis and then over dim 1 of an ``N, C, H, W``
+input (channels first, as ConvNeXt's LayerNorm with ``data_format="channels_first"``); a module
+that matches none is left alone, and :func:`why_not_a_norm` says whether its structure or its
+numerics ruled it out.
 
 The replacements keep the original ``weight``/``bias`` Parameter objects under the same names,
 so state dicts, optimiser state and checkpoints are unchanged.
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,6 +51,7 @@ class NormSpec:
     """What a norm computes: ``(x - mean if centered) * rstd * (weight + offset) + bias``.
 
     ``eps=None`` is ``torch.nn.RMSNorm``'s default: the machine epsilon of the input's dtype.
+    ``channels_first``: the norm normalises dim 1 (``normalized_shape`` is ``(channels,)``).
     """
 
     normalized_shape: tuple[int, ...]
@@ -55,6 +60,7 @@ class NormSpec:
     offset: float
     has_weight: bool
     has_bias: bool
+    channels_first: bool = False
 
     @property
     def kind(self) -> str:
@@ -81,20 +87,57 @@ def resolve_eps(eps: float | None, x: Tensor) -> float:
 _KNOWN_NORMS = {nn.LayerNorm: _spec_layer_norm, nn.RMSNorm: _spec_rms_norm}
 
 
-def _structural_spec(module: nn.Module, centered: bool, offset: float) -> NormSpec | None:
+def _eps(module: nn.Module) -> float | None:
+    return next((getattr(module, a) for a in _EPS_ATTRIBUTES if isinstance(getattr(module, a, None), float)), None)
+
+
+def _declared_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """An affine-free norm's ``normalized_shape`` attribute (an int or a tuple of ints)."""
+    shape = getattr(module, "normalized_shape", None)
+    shape = (shape,) if isinstance(shape, int) else shape
+    if isinstance(shape, (tuple, list)) and shape and all(isinstance(n, int) and n > 0 for n in shape):
+        return tuple(shape)
+    return None
+
+
+def structure_problem(module: nn.Module) -> str | None:
+    """Why ``module``'s structure is not a norm's (``None`` when it could be one).
+
+    A norm is a leaf whose whole state is a 1-D ``weight`` (and a ``bias`` of its shape), or
+    nothing at all with a ``normalized_shape`` attribute (no weight to read the size from), and
+    that has a float ``eps`` or ``variance_epsilon``.
+    """
     if next(module.children(), None) is not None:
-        return None
+        return "it has child modules (a norm is a leaf)"
     state = dict(module.named_parameters(recurse=False))
-    weight = state.get("weight")
-    if set(state) - {"weight", "bias"} or weight is None or weight.dim() != 1 or next(module.buffers(), None) is not None:
-        return None
-    bias = state.get("bias")
+    if set(state) - {"weight", "bias"}:
+        return f"it has parameters other than weight and bias ({', '.join(sorted(set(state) - {'weight', 'bias'}))})"
+    if next(module.buffers(), None) is not None:
+        return "it has buffers (a norm's whole state is its weight and bias)"
+    weight, bias = state.get("weight"), state.get("bias")
+    if weight is None and bias is not None:
+        return "it has a bias but no weight"
+    if weight is not None and weight.dim() != 1:
+        return f"its weight is {weight.dim()}-D, not 1-D"
     if bias is not None and bias.shape != weight.shape:
+        return "its bias and weight have different shapes"
+    if weight is None and _declared_shape(module) is None:
+        return "it has no weight and no normalized_shape attribute, so the normalised size is unknown"
+    if _eps(module) is None:
+        return f"it has no float {' or '.join(_EPS_ATTRIBUTES)} attribute"
+    return None
+
+
+def _structural_spec(module: nn.Module, centered: bool, offset: float) -> NormSpec | None:
+    if structure_problem(module) is not None:
         return None
-    eps = next((getattr(module, a) for a in _EPS_ATTRIBUTES if isinstance(getattr(module, a, None), float)), None)
-    if eps is None:
-        return None
-    return NormSpec((weight.numel(),), eps, centered or bias is not None, 0.0 if bias is not None else offset, True, bias is not None)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if weight is None:
+        # Affine-free: the offset only scales an affine that is not there.
+        shape = _declared_shape(module)
+        return None if offset else NormSpec(shape, _eps(module), centered, 0.0, False, False)  # type: ignore[arg-type]
+    centered = centered or bias is not None
+    return NormSpec((weight.numel(),), _eps(module), centered, 0.0 if bias is not None else offset, True, bias is not None)
 
 
 def reference_output(spec: NormSpec, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -106,12 +149,17 @@ def reference_output(spec: NormSpec, x: Tensor, weight: Tensor | None, bias: Ten
         return ms_rms_norm(x, spec.normalized_shape, weight, eps, offset=spec.offset)
 
 
+def _probe_input(spec: NormSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, spec.normalized_shape[0], 3, 4) if spec.channels_first else (2, 5, *spec.normalized_shape)
+    return torch.randn(shape, generator=generator).mul_(3).add_(1.5).to(device, dtype)
+
+
 def _matches(module: nn.Module, spec: NormSpec) -> bool:
     weight = getattr(module, "weight", None) if spec.has_weight else None
     dtype = weight.dtype if weight is not None else torch.float32
     device = weight.device if weight is not None else torch.device("cpu")
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, *spec.normalized_shape, generator=generator).mul_(3).add_(1.5).to(device, dtype)
+    x = _probe_input(spec, dtype, device)
     # The comparison is of formulas, not of whatever autocast the caller converts under.
     with torch.autocast(device.type, enabled=False):
         try:
@@ -121,9 +169,25 @@ def _matches(module: nn.Module, spec: NormSpec) -> bool:
             return False
         if not isinstance(expected, Tensor) or expected.shape != x.shape:
             return False
-        ours = reference_output(spec, x, weight, getattr(module, "bias", None) if spec.has_bias else None)
+        bias = getattr(module, "bias", None) if spec.has_bias else None
+        if spec.channels_first:
+            ours = reference_output(spec, x.movedim(1, -1), weight, bias).movedim(-1, 1)
+        else:
+            ours = reference_output(spec, x, weight, bias)
     tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
     return torch.allclose(ours.to(expected.dtype), expected, rtol=tol, atol=tol)
+
+
+def _candidates(module: nn.Module) -> list[NormSpec]:
+    """The forms ``module`` may compute, given its structure: last axis first, then channels first."""
+    known = _KNOWN_NORMS.get(type(module))
+    specs = [known(module)] if known is not None else [
+        _structural_spec(module, centered, offset) for centered, offset in _CANDIDATE_FORMS
+    ]
+    last_axis = list(dict.fromkeys(spec for spec in specs if spec is not None))
+    if known is not None:
+        return last_axis  # torch's own norms normalise the last axes
+    return last_axis + [replace(spec, channels_first=True) for spec in last_axis if len(spec.normalized_shape) == 1]
 
 
 def detect_norm(module: nn.Module, values: Callable[[nn.Module], nn.Module] | None = None) -> NormSpec | None:
@@ -132,11 +196,7 @@ def detect_norm(module: nn.Module, values: Callable[[nn.Module], nn.Module] | No
     ``values`` gives the module to run for the numeric check (e.g. a materialised twin of a
     module on the meta device); default: ``module`` itself.
     """
-    known = _KNOWN_NORMS.get(type(module))
-    candidates = [known(module)] if known is not None else [
-        _structural_spec(module, centered, offset) for centered, offset in _CANDIDATE_FORMS
-    ]
-    candidates = [spec for spec in candidates if spec is not None]
+    candidates = _candidates(module)
     if not candidates:
         return None  # not shaped like a norm: no values needed to say so
     probed = values(module) if values is not None else module
@@ -152,7 +212,8 @@ _OTHER_NORMALISATIONS: tuple[type[nn.Module], ...] = (
 
 
 def why_not_a_norm(module: nn.Module) -> str | None:
-    """For a module that looks like a normalisation but :func:`detect_norm` rejected: why.
+    """For a module that looks like a normalisation but :func:`detect_norm` rejected: why, naming
+    what ruled it out: its structure (what it holds) or its numerics (what it computes).
 
     ``None`` for modules that do not look like one (they are not reported).
     """
@@ -162,9 +223,12 @@ def why_not_a_norm(module: nn.Module) -> str | None:
     looks_like_norm = "Norm" in name or any(hasattr(module, a) for a in _EPS_ATTRIBUTES)
     if not looks_like_norm or next(module.children(), None) is not None:
         return None
+    problem = None if type(module) in _KNOWN_NORMS else structure_problem(module)
+    if problem is not None:
+        return f"structure: {problem}"
     return (
-        "its output matches none of the forms the memory-sharing norms compute (LayerNorm, RMSNorm, RMSNorm with "
-        "1 + weight over the last axes, with a float eps)"
+        "numerics: its output matches none of the forms the memory-sharing norms compute (LayerNorm, RMSNorm, "
+        "RMSNorm with 1 + weight; over the last axis, or over dim 1 of an N, C, H, W input)"
     )
 
 
@@ -209,6 +273,7 @@ class ConvertedNorm:
     # Set once a kept affine's weight was found unsafe: from then on this norm saves its input
     # like a stock norm (exact), instead of recovering x_hat from its output.
     exact_fallback: bool = False
+    channels_first: bool = False
     _checked_weight: tuple[int, int] | None = None
 
     def _keeps_unsafe_affine(self) -> bool:
@@ -242,6 +307,14 @@ class ConvertedNorm:
                 )
         return self.exact_fallback
 
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_first:
+            # The ops normalise the last axis: move the channels there and back (views, as
+            # ConvNeXt's own LayerNorm does). The op saves its channels-last output, and what this
+            # returns is a view of it, so the next layer saves the same storage.
+            return self._normalise(x.movedim(1, -1)).movedim(-1, 1)  # type: ignore[attr-defined]
+        return self._normalise(x)  # type: ignore[attr-defined]
+
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
         return y.to(resolve_output_dtype(x, self._output_dtype(x)))
 
@@ -256,13 +329,14 @@ class ConvertedNorm:
     def extra_repr(self) -> str:
         # Cooperative: the norm class after this mixin in the MRO supplies the shape and eps.
         text = f"{super().extra_repr()}, approxbp: affine={self.strategy}, output={self.dtype_policy}"  # type: ignore[misc]
+        text += ", channels first" if self.channels_first else ""
         return text + (", exact fallback (unsafe weight)" if self.exact_fallback else "")
 
 
 class ConvertedLayerNorm(ConvertedNorm, MSLayerNorm):
     """The :class:`~lightning_approxbp.nn.MSLayerNorm` that a conversion puts in place of a LayerNorm."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _normalise(self, x: Tensor) -> Tensor:
         if self._keeps_unsafe_affine():
             return self._output(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps), x)
         weight, bias = self._affine()
@@ -275,7 +349,7 @@ class ConvertedLayerNorm(ConvertedNorm, MSLayerNorm):
 class ConvertedRMSNorm(ConvertedNorm, MSRMSNorm):
     """The :class:`~lightning_approxbp.nn.MSRMSNorm` that a conversion puts in place of an RMSNorm."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _normalise(self, x: Tensor) -> Tensor:
         if self._keeps_unsafe_affine():
             wide = x.float()
             axes = tuple(range(-len(self.normalized_shape), 0))
@@ -310,6 +384,7 @@ def build_converted_norm(
     new.strategy = strategy
     new.dtype_policy = dtype_policy
     new.min_keep_weight = min_keep_weight
+    new.channels_first = spec.channels_first
     new.weight = original.weight if spec.has_weight else None
     if spec.centered:
         new.bias = original.bias if spec.has_bias else None

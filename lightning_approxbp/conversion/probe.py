@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
+from lightning_approxbp.conversion.calls import ActivationCalls, watch_activation_calls
 from lightning_approxbp.conversion.consumers import NormUses, trace_norm_uses
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 
@@ -47,11 +48,12 @@ def probe_from_example(example_input: Any) -> ProbeFn:
 @dataclass
 class ProbeRun:
     """Outputs (detached floating tensors, in order), saved-for-backward bytes, and, when the
-    run was traced, where each norm's output went."""
+    run was traced, where each norm's output went and which activations were called as functions."""
 
     outputs: list[Tensor]
     saved_bytes: int
     norm_uses: dict[nn.Module, NormUses] | None = None
+    activation_calls: ActivationCalls = field(default_factory=dict)
 
 
 def output_tensors(output: Any) -> list[Tensor]:
@@ -105,25 +107,30 @@ def run_probe(
     trace_norms: dict[nn.Module, int | None] | None = None,
     *,
     compute_free: bool = False,
+    watch_activations: bool = False,
 ) -> ProbeRun:
     """Run ``probe(module)`` isolated, counting saved bytes.
 
     With ``trace_norms`` (norm module -> its number of features, ``None`` when it normalises
     several axes), the run also records where each norm's output goes
-    (:attr:`ProbeRun.norm_uses`). ``compute_free`` runs it on fake tensors (shapes, dtypes and
-    the autograd graph, no arithmetic): the same uses and saved bytes at a fraction of the cost,
-    but outputs without values.
+    (:attr:`ProbeRun.norm_uses`); with ``watch_activations``, the activations called as
+    functions inside a module's forward (:attr:`ProbeRun.activation_calls`). ``compute_free``
+    runs it on fake tensors (shapes, dtypes and the autograd graph, no arithmetic): the same
+    uses and saved bytes at a fraction of the cost, but outputs without values.
     """
     uses = None
+    calls: ActivationCalls = {}
     with isolated(module), torch.enable_grad(), _values_mode(module, compute_free) as fake_parameters:
-        with SavedTensorCounter(exclude=[*module.parameters(), *fake_parameters]) as counter:
+        with SavedTensorCounter(exclude=[*module.parameters(), *fake_parameters]) as counter, ExitStack() as watches:
+            if watch_activations:
+                calls = watches.enter_context(watch_activation_calls(module))
             if trace_norms is None:
                 output = probe(module)
             else:
                 with trace_norm_uses(module, trace_norms) as tracer:
                     output = probe(module)
                     uses = tracer.finish(output)
-    return ProbeRun(output_tensors(output), counter.stats.activation_bytes, uses)
+    return ProbeRun(output_tensors(output), counter.stats.activation_bytes, uses, calls)
 
 
 @contextmanager
