@@ -45,12 +45,13 @@ _ACTIVATION_FUNCTIONS: dict[Callable[..., Any], Callable[[tuple[Any, ...], dict[
     F.silu: lambda args, kwargs: "silu",
 }
 
-# Per registry name a call can give: the function called, and the module that would convert it.
-FUNCTION_FORMS: dict[str, tuple[str, str]] = {
-    "gelu": ("F.gelu", "nn.GELU()"),
-    "gelu_tanh": ("F.gelu", "nn.GELU(approximate='tanh')"),
-    "silu": ("F.silu", "nn.SiLU()"),
-}
+
+
+def function_form(name: str) -> tuple[str, str]:
+    """For a registry name a call can give: the function called, and the module that would convert it."""
+    if name.startswith("gelu"):
+        return "F.gelu", "nn.GELU(approximate='tanh')" if name.endswith("tanh") else "nn.GELU()"
+    return "F.silu", "nn.SiLU()"
 
 # (the innermost module running, registry name), each pair once, in call order
 ActivationCalls = dict[tuple[nn.Module, str], None]

@@ -24,7 +24,7 @@ from lightning_approxbp.conversion.blocks import (
     block_outputs,
     capture_inputs,
 )
-from lightning_approxbp.conversion.calls import FUNCTION_FORMS, ActivationCalls
+from lightning_approxbp.conversion.calls import ActivationCalls, function_form
 from lightning_approxbp.conversion.config import ConversionConfig
 from lightning_approxbp.conversion.consumers import NormUses
 from lightning_approxbp.conversion.fused_loss import LogitsWatch, apply_fused_loss
@@ -294,7 +294,7 @@ class _Conversion:
             site = self.site_of.get(id(module))
             if site is None or id(module) in covered or self._calls_are_covered(site):
                 continue
-            function, module_form = FUNCTION_FORMS[name]
+            function, module_form = function_form(name)
             short = function.removeprefix("F.")
             self.report.add(
                 f"{site.fqn}.{short}()" if site.fqn else f"{short}()", f"{function} in {type(module).__name__}.forward",
