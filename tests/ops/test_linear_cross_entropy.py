@@ -146,17 +146,16 @@ def test_an_fp32_weight_cast_by_vocabulary_slices_under_autocast(monkeypatch, fr
         assert mine <= 2 * theirs + bf16_unit / 8, (name, mine, theirs)
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("dtype", list(VS_FP64))
 def test_weight_gradient_slices_accumulate_in_place_exactly(monkeypatch, dtype):
     """Several slices per chunk and several chunks: the weight gradient against fp64, in the dtype's rounding."""
     monkeypatch.setattr(lce, "_SLICE_BYTES", 5 * 4 * 24)
     h, w, b, target = _inputs(7, 24, 101, dtype, ignored=(3,))
     loss, grads = _loss_and_grads(AF.linear_cross_entropy, h, w, b, target, chunk_size=3)
     ref_loss, ref_grads = _reference(h, w, b, target)
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss.double(), ref_loss, **VS_FP64[dtype])
     for name, ours, theirs in zip(("hidden", "weight", "bias"), grads, ref_grads):
-        torch.testing.assert_close(ours.double(), theirs, rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(ours.double(), theirs, **VS_FP64[dtype], msg=name)
 
 
 class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
