@@ -323,7 +323,7 @@ class _Conversion:
             new = RegeneratedDropout(site.module.p)
             new.train(site.module.training)
             self.log.replace_site(site, new)
-            self.report.add(site.fqn, "Dropout", "converted", "mask redrawn in backward", "saves no mask; same masks")
+            self.report.add(site.fqn, "Dropout", "converted", "mask redrawn in backward (CUDA) or kept as bits (CPU)", "saves no full mask; same masks")
         for site, attribute, name in self.function_activations:
             function = getattr(site.module, attribute)
             self.log.replace_attribute(site.module, attribute, self._step(name))

@@ -1,17 +1,23 @@
-"""Dropout that saves no mask for backward (it redraws it from the saved RNG state)."""
+"""Dropout that saves no full mask for backward (it redraws it, or keeps it as bits)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_approxbp.ops.dropout import regenerated_dropout
+from lightning_approxbp.ops.dropout import (
+    MaskStorage,
+    check_mask_storage,
+    regenerated_dropout,
+)
 
 
 class RegeneratedDropout(nn.Dropout):
-    """``nn.Dropout`` with the same masks and gradients, keeping no mask for backward.
+    """``nn.Dropout`` with the same masks and gradients, keeping no full mask for backward.
 
     A subclass of :class:`torch.nn.Dropout` (same ``p``, no parameters), so code that looks for
-    dropout modules still finds it. See :mod:`lightning_approxbp.ops.dropout`.
+    dropout modules still finds it. ``mask_storage="auto"`` redraws the mask in backward on CUDA
+    and keeps it packed one bit per element elsewhere (CPU random numbers are drawn serially);
+    see :mod:`lightning_approxbp.ops.dropout`.
 
     Example::
 
@@ -20,8 +26,14 @@ class RegeneratedDropout(nn.Dropout):
         >>> layer(torch.randn(2, 4, requires_grad=True)).sum().backward()
     """
 
+    def __init__(self, p: float = 0.5, mask_storage: MaskStorage = "auto") -> None:
+        super().__init__(p)
+        self.mask_storage = check_mask_storage(mask_storage)  # a wrong name fails here, not mid-fit
+
     def forward(self, x: Tensor) -> Tensor:
-        return regenerated_dropout(x, self.p, self.training)
+        return regenerated_dropout(x, self.p, self.training, self.mask_storage)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, approxbp: mask redrawn in backward, none saved"
+        how = {"auto": "redrawn in backward on CUDA, 1 bit per element elsewhere", "regenerate": "redrawn in backward",
+               "bits": "1 bit per element"}[self.mask_storage]
+        return f"p={self.p}, approxbp: mask {how}"

@@ -1,68 +1,150 @@
-"""Dropout that keeps no mask for backward: it keeps the random-number generator's state.
+"""Dropout with the same masks and gradients as torch's, keeping (almost) no mask for backward.
 
-Stock dropout saves its mask (CUDA: one byte per element; CPU: the scaled mask in the input's
-dtype). This op saves nothing of the input's size: it records the RNG state before drawing the
-mask (16 bytes on CUDA, the 5 KB generator state on CPU, per call) and, in backward, draws the
-very same mask again with the very same call (``torch.dropout`` on a tensor of ones), as
-``torch.utils.checkpoint`` does for recomputation. Consequences:
+Stock dropout saves its mask: CUDA one byte per element, CPU the scaled mask in the input's
+dtype (2 or 4 bytes per element). This op keeps one of two things instead, chosen per call:
 
-- the masks are bit-identical to ``torch.nn.Dropout``'s under the same RNG state, so a
-  converted model reproduces the original's training run (and ``seed_everything``) exactly,
-  and conversion-time verification compares like with like;
-- the gradient is ``grad * mask / (1 - p)``, bit-identical to stock dropout's;
-- the backward pass redraws the mask: one random-number pass over the input's size (drawn on
-  the incoming gradient itself, so the redraw and the product are one call).
+- ``"regenerate"`` (default on CUDA): the RNG state before the mask is drawn (16 bytes on CUDA,
+  the 5 KB generator state on CPU); backward draws the very same mask again with the very same
+  call (``torch.dropout`` on the incoming gradient), as ``torch.utils.checkpoint`` does for
+  recomputation. Nothing of the input's size is saved; backward pays one random-number pass.
+- ``"bits"`` (default elsewhere): the mask itself, packed one bit per element (16x smaller than
+  stock's bf16 mask on CPU, 32x than its fp32 one). On CPU torch draws random numbers in one
+  serial loop (several ns per element, not vectorised or threaded), so drawing a mask again would
+  cost more than the rest of a dropout's forward and backward together; packing costs a few
+  vectorised passes over one byte per element.
+
+Either way:
+
+- the masks are bit-identical to ``torch.nn.Dropout``'s under the same RNG state (the forward's
+  draw is stock dropout's own), so a converted model reproduces the original's training run (and
+  ``seed_everything``) exactly, and conversion-time verification compares like with like;
+- the gradient is ``grad * scaled_mask``, bit-identical to stock dropout's, and the global RNG
+  stream is that of stock dropout.
 """
 
 from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_approxbp.ops._utils import guard_double_backward
+from lightning_approxbp.ops.bitpack import gather_rows, pack_codes, unpack_codes
 
 OP_NAME = "dropout"
+MaskStorage = Literal["auto", "regenerate", "bits"]
+MASK_STORAGES: tuple[str, ...] = ("auto", "regenerate", "bits")
+
+
+def check_mask_storage(storage: str) -> MaskStorage:
+    if storage not in MASK_STORAGES:
+        raise ValueError(f"mask_storage must be one of {MASK_STORAGES}, got {storage!r}.")
+    return storage  # type: ignore[return-value]
+
+
+def resolve_mask_storage(storage: str, device: torch.device) -> str:
+    """``"regenerate"`` or ``"bits"`` for a call on ``device`` (``"auto"``: regenerate on CUDA only)."""
+    if check_mask_storage(storage) == "auto":
+        return "regenerate" if device.type == "cuda" else "bits"
+    return storage
 
 
 def _rng_state(device: torch.device) -> Tensor:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
+# A gather moves rows of 16 bytes fastest (see gather_rows): each packed index covers that many
+# bytes of mask values, i.e. 16 // itemsize elements (8 bits of a byte for 16-bit dtypes, a
+# nibble for fp32, 2 bits for fp64).
+_ROW_BYTES = 16
+
+
+@lru_cache(maxsize=32)
+def _mask_rows(scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Row ``v`` is the scaled mask of the elements whose packed bits are the index ``v``."""
+    width = _ROW_BYTES // dtype.itemsize
+    bits = torch.arange(2**width, dtype=torch.int32).unsqueeze(1) >> torch.arange(width, dtype=torch.int32)
+    return ((bits & 1).to(dtype) * torch.tensor(scale, dtype=dtype)).to(device)
+
+
+def _scaled_one(p: float, dtype: torch.dtype) -> float:
+    # Stock CPU dropout divides its 0/1 mask by (1 - p) in the mask's dtype: the kept value.
+    return torch.ones((), dtype=dtype).div_(1 - p).item()
+
+
 class RegeneratedDropoutFunction(torch.autograd.Function):
-    """``torch.dropout(x, p, train=True)`` that saves the RNG state instead of the mask."""
+    """``torch.dropout(x, p, train=True)`` that keeps the RNG state or a 1-bit mask, not the mask."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
-        ctx.rng_state = _rng_state(x.device)
-        ctx.p, ctx.shape, ctx.dtype, ctx.device = p, x.shape, x.dtype, x.device
-        # The mask is drawn in the memory order of torch's empty_like(x): redraw it in the same one.
+    def forward(ctx, x: Tensor, p: float, storage: str) -> Tensor:  # type: ignore[override]
+        ctx.p, ctx.shape, ctx.dtype, ctx.device, ctx.storage = p, x.shape, x.dtype, x.device, storage
+        # The mask is drawn in the memory order of torch's empty_like(x): use (or redraw in) that one.
         ctx.strides = torch.empty_like(x, device="meta").stride()
-        return torch.dropout(x, p, True)
+        if storage == "regenerate":
+            ctx.rng_state = _rng_state(x.device)
+            return torch.dropout(x, p, True)
+        if x.device.type != "cpu":
+            # What stock dropout runs off CPU (its fused kernel); its bool mask is packed.
+            y, mask = torch.native_dropout(x, p, True)
+            ctx.strides = mask.stride()
+            ctx.save_for_backward(pack_codes(mask.as_strided((mask.numel(),), (1,)).view(torch.uint8), 1))
+            return y
+        # Stock CPU dropout's own steps (its non-fused path), keeping the 0/1 mask to pack it.
+        noise = torch.empty_like(x).bernoulli_(1 - p)
+        # Bits in the noise's memory order (its strides are ctx.strides; empty_like makes it dense).
+        flat_noise = noise.as_strided((noise.numel(),), (1,))
+        ctx.save_for_backward(pack_codes(flat_noise.ne(0).view(torch.uint8), 1))
+        return x * noise.div_(1 - p)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        devices = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
-            if ctx.device.type == "cuda":
-                torch.cuda.set_rng_state(ctx.rng_state, ctx.device)
-            else:
-                torch.set_rng_state(ctx.rng_state)
-            if grad_output.dtype == ctx.dtype and grad_output.stride() == ctx.strides:
-                # The forward's call again, on the gradient itself: it draws the mask in the same
-                # memory order and returns ``grad * scaled_mask``, stock dropout's gradient,
-                # with no tensor of ones and no separate product.
-                grad_input = torch.dropout(grad_output, ctx.p, True)
-            else:
-                # Another layout (an expanded gradient): redraw on ones in the forward's layout,
-                # which yields the scaled mask itself.
-                ones = torch.empty_strided(ctx.shape, ctx.strides, dtype=ctx.dtype, device=ctx.device).fill_(1)
-                grad_input = grad_output * torch.dropout(ones, ctx.p, True)
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        with torch.no_grad():
+            grad_input = _regenerated_grad(ctx, grad_output) if ctx.storage == "regenerate" else _unpacked_grad(ctx, grad_output)
         (grad_input,) = guard_double_backward((grad_input,), grad_output, OP_NAME)
-        return grad_input, None
+        return grad_input, None, None
 
 
-def regenerated_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
-    """``F.dropout(x, p, training)`` that saves no mask for backward (see the module docstring).
+def _regenerated_grad(ctx, grad_output: Tensor) -> Tensor:
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
+        if ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(ctx.rng_state, ctx.device)
+        else:
+            torch.set_rng_state(ctx.rng_state)
+        if grad_output.dtype == ctx.dtype and grad_output.stride() == ctx.strides:
+            # The forward's call again, on the gradient itself: it draws the mask in the same
+            # memory order and returns ``grad * scaled_mask``, stock dropout's gradient,
+            # with no tensor of ones and no separate product.
+            return torch.dropout(grad_output, ctx.p, True)
+        # Another layout (an expanded gradient): redraw on ones in the forward's layout,
+        # which yields the scaled mask itself.
+        ones = torch.empty_strided(ctx.shape, ctx.strides, dtype=ctx.dtype, device=ctx.device).fill_(1)
+        return grad_output * torch.dropout(ones, ctx.p, True)
+
+
+def _unpacked_grad(ctx, grad_output: Tensor) -> Tensor:
+    (packed,) = ctx.saved_tensors
+    numel = math.prod(ctx.shape)
+    if ctx.device.type != "cpu":
+        mask = unpack_codes(packed, 1, numel).view(torch.bool).as_strided(ctx.shape, ctx.strides)
+        return torch.ops.aten.native_dropout_backward(grad_output, mask, 1.0 / (1.0 - ctx.p))
+    table = _mask_rows(_scaled_one(ctx.p, ctx.dtype), ctx.dtype, ctx.device)
+    width = table.shape[1]
+    index = packed if width == 8 else unpack_codes(packed, width, packed.numel() * 8 // width)
+    # One gather turns the packed bits into the scaled mask's values, 16 bytes at a time.
+    scaled_mask = gather_rows(table, index.to(torch.int32)).view(-1)[:numel].as_strided(ctx.shape, ctx.strides)
+    return grad_output * scaled_mask
+
+
+def regenerated_dropout(x: Tensor, p: float = 0.5, training: bool = True, mask_storage: MaskStorage = "auto") -> Tensor:
+    """``F.dropout(x, p, training)`` that saves no full mask for backward (see the module docstring).
+
+    Args:
+        mask_storage: ``"regenerate"`` (keep the RNG state, redraw in backward), ``"bits"`` (keep a
+            1-bit mask) or ``"auto"``: regenerate on CUDA, bits elsewhere.
 
     Example::
 
@@ -75,6 +157,8 @@ def regenerated_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Ten
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}.")
-    if not training or p == 0.0 or not (torch.is_grad_enabled() and x.requires_grad):
+    storage = resolve_mask_storage(mask_storage, x.device)
+    # p == 1 zeroes everything: stock dropout then saves a 0-dim zero, nothing to improve on.
+    if not training or p in (0.0, 1.0) or x.numel() == 0 or not (torch.is_grad_enabled() and x.requires_grad):
         return torch.nn.functional.dropout(x, p, training)
-    return RegeneratedDropoutFunction.apply(x, p)
+    return RegeneratedDropoutFunction.apply(x, p, storage)

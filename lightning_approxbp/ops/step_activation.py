@@ -18,11 +18,9 @@ without a host synchronisation or extra memory.
 
 from __future__ import annotations
 
-import sys
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_approxbp.activations import get_activation, known_finite
@@ -34,6 +32,7 @@ from lightning_approxbp.ops._utils import (
     requires_grad,
     table_tensor,
 )
+from lightning_approxbp.ops.bitpack import gather_rows, pack_codes
 from lightning_approxbp.ops.dispatch import dispatch
 from lightning_approxbp.tables import StepTable
 
@@ -48,46 +47,6 @@ def exact_activation(x: Tensor, activation: str) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- PyTorch path
-
-
-# P = 8 // bits codes share a byte. Reading P consecutive one-byte codes as one P-byte
-# little-endian word lets a few whole-tensor shifts pack or unpack them all at once, instead of
-# a strided reduction that is an order of magnitude slower on CPU.
-_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16}
-_LITTLE_ENDIAN = sys.byteorder == "little"
-
-
-def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Pack a flat uint8 tensor of codes (each < 2**bits), lowest bits first, zero-padded."""
-    per_byte = 8 // bits
-    padding = (-codes.numel()) % per_byte
-    padded = F.pad(codes, (0, padding)) if padding else codes
-    if not _LITTLE_ENDIAN:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-        return (padded.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
-    # Merge neighbours pairwise: codes of adjacent bytes, then of adjacent byte pairs, ...
-    words = padded.view(_WORD_DTYPES[per_byte])
-    shift, group = 8 - bits, per_byte
-    while group > 1:
-        words = words | (words >> shift)
-        shift, group = 2 * shift, group // 2
-    # A copy, not a view: the saved codes must own exactly their bytes.
-    return words.view(torch.uint8).view(-1, per_byte)[:, 0].clone(memory_format=torch.contiguous_format)
-
-
-def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: a flat uint8 tensor of ``numel`` codes."""
-    per_byte = 8 // bits
-    mask = (1 << bits) - 1
-    if not _LITTLE_ENDIAN:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        return ((packed.unsqueeze(1) >> shifts) & mask).view(-1)[:numel]
-    words = packed.to(_WORD_DTYPES[per_byte])
-    spread = words.clone()
-    for slot in range(1, per_byte):
-        spread |= words << ((8 - bits) * slot)
-    byte_mask = int.from_bytes(bytes([mask]) * per_byte, "little")
-    return (spread & byte_mask).view(torch.uint8)[:numel]
 
 
 # A 16-bit input has 65,536 possible values: a table from each bit pattern to its code gives
@@ -150,25 +109,12 @@ def byte_levels(levels: tuple[float, ...], bits: int, device: torch.device, dtyp
     return torch.tensor(rows, dtype=dtype, device=device)
 
 
-# index_select copies from a 1-D table several times faster than row by row from a 2-D one: a
-# row of 8 or 16 bytes is moved as one int64 / complex128 element (bytes only, nothing computed).
-_ROW_ELEMENTS = {8: torch.int64, 16: torch.complex128}
-
-
-def _gather_rows(table: Tensor, index: Tensor) -> Tensor:
-    """``table.index_select(0, index)`` for a contiguous 2-D ``table``."""
-    element = _ROW_ELEMENTS.get(table.shape[1] * table.element_size())
-    if element is None:
-        return table.index_select(0, index)
-    return table.view(element).view(-1).index_select(0, index).view(table.dtype).view(-1, table.shape[1])
-
-
 def _torch_backward(grad_output: Tensor, packed: Tensor, nonfinite: Tensor, levels: list[float], bits: int) -> Tensor:
     table = byte_levels(tuple(levels), bits, grad_output.device, compute_dtype(grad_output.dtype))
     # A non-finite input anywhere poisons the whole gradient (see the module docstring); on the
     # 256-row table, so it costs no pass over the gradient.
     table = torch.where(nonfinite > 0, float("nan"), table)
-    multiplier = _gather_rows(table, packed.to(torch.int32)).view(-1)[: grad_output.numel()]
+    multiplier = gather_rows(table, packed.to(torch.int32)).view(-1)[: grad_output.numel()]
     # The product in the table's dtype (fp32 for 16-bit gradients), rounded once into the
     # gradient's dtype: one pass, no widened copy of the gradient.
     return torch.mul(grad_output, multiplier.view(grad_output.shape), out=torch.empty_like(grad_output))

@@ -1,4 +1,4 @@
-"""Dropout that redraws its mask: the same masks and gradients as torch's, nothing saved."""
+"""Dropout that redraws its mask or keeps it as bits: the same masks and gradients as torch's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_approxbp.nn import RegeneratedDropout
-from lightning_approxbp.ops.dropout import regenerated_dropout
+from lightning_approxbp.ops.dropout import regenerated_dropout, resolve_mask_storage
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 from tests.tolerances import IDENTICAL
 
@@ -24,31 +24,68 @@ def _run(fn, x, grad, seed=0):
     return y, x.grad, after_forward, after_backward
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (0, 4)])
-def test_masks_gradients_and_rng_stream_are_those_of_torch(dtype, p, shape):
+STORAGES = ["regenerate", "bits"]
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (2, 64), (0, 4)])
+def test_masks_gradients_and_rng_stream_are_those_of_torch(storage, dtype, p, shape):
     x, grad = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
-    ours = _run(lambda t: regenerated_dropout(t, p), x, grad)
+    ours = _run(lambda t: regenerated_dropout(t, p, mask_storage=storage), x, grad)
     stock = _run(lambda t: F.dropout(t, p), x, grad)
     for a, b in zip(ours, stock):
         torch.testing.assert_close(a, b, **IDENTICAL)
 
 
-def test_non_contiguous_input():
-    x, grad = torch.randn(6, 9).t(), torch.randn(9, 6)
-    ours, stock = _run(lambda t: regenerated_dropout(t, 0.3), x, grad), _run(lambda t: F.dropout(t, 0.3), x, grad)
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize(
+    "make", [lambda: torch.randn(6, 9).t(), lambda: torch.randn(2, 5, 9).permute(2, 0, 1), lambda: torch.randn(8, 9)[:, 1:8]]
+)
+def test_non_contiguous_input(storage, make):
+    x = make()
+    grad = torch.randn(x.shape)
+    ours = _run(lambda t: regenerated_dropout(t, 0.3, mask_storage=storage), x, grad)
+    stock = _run(lambda t: F.dropout(t, 0.3), x, grad)
     for a, b in zip(ours, stock):
         torch.testing.assert_close(a, b, **IDENTICAL)
 
 
-def test_saves_nothing_of_the_input_size():
-    x = torch.randn(64, 64, requires_grad=True)
-    with SavedTensorCounter() as ours:
-        regenerated_dropout(x, 0.1)
+def test_expanded_gradient():
+    x = torch.randn(4, 6)
+    grad = torch.randn(1, 6).expand(4, 6)
+    for storage in STORAGES:
+        ours = _run(lambda t: regenerated_dropout(t, 0.4, mask_storage=storage), x, grad)
+        stock = _run(lambda t: F.dropout(t, 0.4), x, grad)
+        for a, b in zip(ours, stock):
+            torch.testing.assert_close(a, b, **IDENTICAL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_bytes_per_storage(dtype):
+    x = torch.randn(64, 65, dtype=dtype, requires_grad=True)
+    counts = {}
+    for storage in STORAGES:
+        with SavedTensorCounter() as counter:
+            regenerated_dropout(x, 0.1, mask_storage=storage)
+        counts[storage] = counter.stats.activation_bytes
     with SavedTensorCounter() as stock:
         F.dropout(x, 0.1)
-    assert ours.stats.activation_bytes == 0 and stock.stats.activation_bytes >= x.numel()
+    assert counts == {"regenerate": 0, "bits": -(-x.numel() // 8)}
+    assert stock.stats.activation_bytes == x.numel() * x.element_size()  # CPU: the scaled mask
+
+
+def test_auto_storage_is_bits_on_cpu_and_names_are_checked():
+    x = torch.randn(64, 64, requires_grad=True)
+    with SavedTensorCounter() as counter:
+        regenerated_dropout(x, 0.1)
+    assert counter.stats.activation_bytes == x.numel() // 8
+    assert resolve_mask_storage("auto", torch.device("cuda")) == "regenerate"
+    with pytest.raises(ValueError, match="mask_storage must be one of"):
+        regenerated_dropout(x, 0.1, mask_storage="mask")
+    with pytest.raises(ValueError, match="mask_storage must be one of"):
+        RegeneratedDropout(0.1, mask_storage="bit")
 
 
 def test_eval_zero_probability_and_no_grad_are_plain_dropout():
@@ -66,7 +103,7 @@ def test_eval_zero_probability_and_no_grad_are_plain_dropout():
 
 def test_module_is_a_dropout_and_matches_it():
     stock, ours = torch.nn.Dropout(0.2), RegeneratedDropout(0.2)
-    assert isinstance(ours, torch.nn.Dropout) and "mask redrawn" in repr(ours)
+    assert isinstance(ours, torch.nn.Dropout) and "1 bit per element elsewhere" in repr(ours)
     x, grad = torch.randn(4, 8), torch.randn(4, 8)
     for a, b in zip(_run(ours, x, grad), _run(stock, x, grad)):
         torch.testing.assert_close(a, b, **IDENTICAL)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,11 +11,10 @@ import torch.nn.functional as F
 from lightning_approxbp import functional as AF
 from lightning_approxbp.activations import ACTIVATIONS, get_activation
 from lightning_approxbp.nn import ReGELU2, ReSiLU2, StepActivation
-from lightning_approxbp.ops import packed_size, use_backend
-from lightning_approxbp.ops import reference
+from lightning_approxbp.ops import packed_size, reference, use_backend
+from lightning_approxbp.ops.bitpack import pack_codes, unpack_codes
 from lightning_approxbp.ops.gated_mlp import gated_product_forward
 from lightning_approxbp.ops.reference import step_activation_backward
-from lightning_approxbp.ops.step_activation import pack_codes, unpack_codes
 from lightning_approxbp.tables import SUPPORTED_BITS, get_table
 from tests.tolerances import IDENTICAL
 
@@ -210,3 +211,12 @@ def test_autocast_keeps_input_dtype_and_runs():
 
 def test_extra_repr_shows_the_conversion():
     assert "bits=4" in repr(StepActivation("quick_gelu", bits=4, table="fitted"))
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_pack_codes_places_every_combination_of_a_byte(bits):
+    # Every combination of the codes that share one byte, against the definition of the layout.
+    per_byte = 8 // bits
+    combos = torch.tensor(list(itertools.product(range(2**bits), repeat=per_byte)), dtype=torch.uint8)
+    expected = sum(combos[:, slot].to(torch.int32) << (bits * slot) for slot in range(per_byte)).to(torch.uint8)
+    assert torch.equal(pack_codes(combos.reshape(-1), bits), expected)
