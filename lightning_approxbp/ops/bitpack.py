@@ -72,3 +72,25 @@ def gather_rows(table: Tensor, index: Tensor) -> Tensor:
     if element is None:
         return table.index_select(0, index)
     return table.view(element).view(-1).index_select(0, index).view(table.dtype).view(-1, table.shape[1])
+
+
+# Gathered rows are applied chunk by chunk: one chunk of multipliers (1 MiB in fp32) stays in
+# cache between the gather and the product, where a whole-tensor gather writes a fresh buffer of
+# 2-4 bytes per element to memory and reads it back (2-4x slower inside a training step on CPU).
+GATHER_CHUNK = 1 << 18
+
+
+def multiply_gathered_rows(values: Tensor, table: Tensor, index: Tensor) -> Tensor:
+    """``values * gather_rows(table, index).flatten()[:values.numel()]`` for a flat ``values``.
+
+    The product is computed in the promoted dtype of ``values`` and ``table`` and rounded once
+    into ``values``' dtype.
+    """
+    row, numel = table.shape[1], values.numel()
+    out = torch.empty_like(values)
+    chunk = GATHER_CHUNK - GATHER_CHUNK % row
+    for start in range(0, numel, chunk):
+        stop = min(start + chunk, numel)
+        rows = gather_rows(table, index[start // row : -(-stop // row)]).view(-1)[: stop - start]
+        torch.mul(values[start:stop], rows, out=out[start:stop])
+    return out

@@ -32,7 +32,12 @@ import torch
 from torch import Tensor
 
 from lightning_approxbp.ops._utils import guard_double_backward
-from lightning_approxbp.ops.bitpack import gather_rows, pack_codes, unpack_codes
+from lightning_approxbp.ops.bitpack import (
+    gather_rows,
+    multiply_gathered_rows,
+    pack_codes,
+    unpack_codes,
+)
 
 OP_NAME = "dropout"
 MaskStorage = Literal["auto", "regenerate", "bits"]
@@ -133,9 +138,13 @@ def _unpacked_grad(ctx, grad_output: Tensor) -> Tensor:
         return torch.ops.aten.native_dropout_backward(grad_output, mask, 1.0 / (1.0 - ctx.p))
     table = _mask_rows(_scaled_one(ctx.p, ctx.dtype), ctx.dtype, ctx.device)
     width = table.shape[1]
-    index = packed if width == 8 else unpack_codes(packed, width, packed.numel() * 8 // width)
-    # One gather turns the packed bits into the scaled mask's values, 16 bytes at a time.
-    scaled_mask = gather_rows(table, index.to(torch.int32)).view(-1)[:numel].as_strided(ctx.shape, ctx.strides)
+    index = (packed if width == 8 else unpack_codes(packed, width, packed.numel() * 8 // width)).to(torch.int32)
+    if grad_output.dtype == ctx.dtype and grad_output.stride() == ctx.strides:
+        # The gradient is laid out as the mask was drawn (the usual case): in memory order, the
+        # scaled mask values are gathered and applied chunk by chunk, never all at once.
+        flat = multiply_gathered_rows(grad_output.as_strided((numel,), (1,)), table, index)
+        return flat.as_strided(ctx.shape, ctx.strides)
+    scaled_mask = gather_rows(table, index).view(-1)[:numel].as_strided(ctx.shape, ctx.strides)
     return grad_output * scaled_mask
 
 

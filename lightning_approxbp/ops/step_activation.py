@@ -32,7 +32,7 @@ from lightning_approxbp.ops._utils import (
     requires_grad,
     table_tensor,
 )
-from lightning_approxbp.ops.bitpack import gather_rows, pack_codes
+from lightning_approxbp.ops.bitpack import multiply_gathered_rows, pack_codes
 from lightning_approxbp.ops.dispatch import dispatch
 from lightning_approxbp.tables import StepTable
 
@@ -114,10 +114,10 @@ def _torch_backward(grad_output: Tensor, packed: Tensor, nonfinite: Tensor, leve
     # A non-finite input anywhere poisons the whole gradient (see the module docstring); on the
     # 256-row table, so it costs no pass over the gradient.
     table = torch.where(nonfinite > 0, float("nan"), table)
-    multiplier = gather_rows(table, packed.to(torch.int32)).view(-1)[: grad_output.numel()]
     # The product in the table's dtype (fp32 for 16-bit gradients), rounded once into the
-    # gradient's dtype: one pass, no widened copy of the gradient.
-    return torch.mul(grad_output, multiplier.view(grad_output.shape), out=torch.empty_like(grad_output))
+    # gradient's dtype.
+    grad_input = multiply_gathered_rows(grad_output.view(-1), table, packed.to(torch.int32))
+    return grad_input.view(grad_output.shape)
 
 
 # ----------------------------------------------------------------------------- torch.library

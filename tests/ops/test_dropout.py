@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_approxbp.nn import RegeneratedDropout
+from lightning_approxbp.ops import bitpack
 from lightning_approxbp.ops.dropout import regenerated_dropout, resolve_mask_storage
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 from tests.tolerances import IDENTICAL
@@ -52,14 +53,14 @@ def test_non_contiguous_input(storage, make):
         torch.testing.assert_close(a, b, **IDENTICAL)
 
 
-def test_expanded_gradient():
+@pytest.mark.parametrize("storage", STORAGES)
+def test_expanded_gradient(storage):
     x = torch.randn(4, 6)
     grad = torch.randn(1, 6).expand(4, 6)
-    for storage in STORAGES:
-        ours = _run(lambda t: regenerated_dropout(t, 0.4, mask_storage=storage), x, grad)
-        stock = _run(lambda t: F.dropout(t, 0.4), x, grad)
-        for a, b in zip(ours, stock):
-            torch.testing.assert_close(a, b, **IDENTICAL)
+    ours = _run(lambda t: regenerated_dropout(t, 0.4, mask_storage=storage), x, grad)
+    stock = _run(lambda t: F.dropout(t, 0.4), x, grad)
+    for a, b in zip(ours, stock):
+        torch.testing.assert_close(a, b, **IDENTICAL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -135,3 +136,14 @@ def test_converted_bert_with_dropout_trains_bit_identically():
         m(**batch).loss.backward()
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, **IDENTICAL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bits_backward_in_chunks_covers_every_element(monkeypatch, dtype):
+    monkeypatch.setattr(bitpack, "GATHER_CHUNK", 64)
+    for x in (torch.randn(7, 45).to(dtype), torch.randn(45, 7).to(dtype).t()):
+        grad = torch.randn(x.shape).to(dtype)
+        ours = _run(lambda t: regenerated_dropout(t, 0.3, mask_storage="bits"), x, grad)
+        stock = _run(lambda t: F.dropout(t, 0.3), x, grad)
+        for a, b in zip(ours, stock):
+            torch.testing.assert_close(a, b, **IDENTICAL)

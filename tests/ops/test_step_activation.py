@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning_approxbp import functional as AF
 from lightning_approxbp.activations import ACTIVATIONS, get_activation
 from lightning_approxbp.nn import ReGELU2, ReSiLU2, StepActivation
-from lightning_approxbp.ops import packed_size, reference, use_backend
+from lightning_approxbp.ops import bitpack, packed_size, reference, use_backend
 from lightning_approxbp.ops.bitpack import pack_codes, unpack_codes
 from lightning_approxbp.ops.gated_mlp import gated_product_forward
 from lightning_approxbp.ops.reference import step_activation_backward
@@ -84,6 +84,20 @@ def test_shapes_including_empty_and_4d(shape):
     torch.testing.assert_close(y, F.gelu(x.detach()), **IDENTICAL)
     expected = step_activation_backward(grad, x.detach().double(), table.thresholds, table.levels)
     torch.testing.assert_close(x.grad, expected.float())
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_in_chunks_covers_every_element(monkeypatch, bits, dtype):
+    # Chunks far smaller than the tensor, and a last chunk that ends mid-byte.
+    monkeypatch.setattr(bitpack, "GATHER_CHUNK", 64)
+    x = (torch.randn(5, 41) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(5, 41).to(dtype)
+    with use_backend("torch"):
+        (dx,) = torch.autograd.grad(AF.step_activation(x, "gelu", bits=bits), x, grad)
+    table = get_table("gelu", bits)
+    expected = step_activation_backward(grad, x.detach().double(), table.thresholds, table.levels)
+    torch.testing.assert_close(dx, expected.to(dtype))
 
 
 def test_non_contiguous_input_and_expanded_gradient():
