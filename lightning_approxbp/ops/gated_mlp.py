@@ -23,6 +23,7 @@ from lightning_approxbp.activations import get_activation
 from lightning_approxbp.ops._utils import (
     autocast_dtype,
     autocast_off,
+    call_op,
     check_floating,
     compute_dtype,
     guard_double_backward,
@@ -52,8 +53,7 @@ def _torch_backward(grad_h: Tensor, g: Tensor, u: Tensor, activation: str) -> tu
 # ----------------------------------------------------------------------------- torch.library
 
 
-@torch.library.custom_op("approxbp::gated_product_forward", mutates_args=())
-def gated_product_forward(g: Tensor, u: Tensor, activation: str) -> Tensor:
+def _gated_product_forward(g: Tensor, u: Tensor, activation: str) -> Tensor:
     """``act(g) * u`` in the dtype of ``g`` (``g`` and ``u`` of one shape and dtype)."""
     g, u = g.contiguous(), u.contiguous()
     if g.numel() == 0:
@@ -61,18 +61,23 @@ def gated_product_forward(g: Tensor, u: Tensor, activation: str) -> Tensor:
     return dispatch(OP_NAME, g, _torch_forward, f"{_TRITON_KERNELS}:forward")(g, u, activation)
 
 
+gated_product_forward = torch.library.custom_op("approxbp::gated_product_forward", mutates_args=())(_gated_product_forward)
+
+
 @gated_product_forward.register_fake
 def _(g: Tensor, u: Tensor, activation: str) -> Tensor:
     return torch.empty_like(g)
 
 
-@torch.library.custom_op("approxbp::gated_product_backward", mutates_args=())
-def gated_product_backward(grad_h: Tensor, g: Tensor, u: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+def _gated_product_backward(grad_h: Tensor, g: Tensor, u: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(grad_g, grad_u, h)``: the exact gradients and the recomputed product."""
     grad_h, g, u = grad_h.contiguous(), g.contiguous(), u.contiguous()
     if g.numel() == 0:
         return torch.empty_like(g), torch.empty_like(u), torch.empty_like(g)
     return dispatch(OP_NAME, g, _torch_backward, f"{_TRITON_KERNELS}:backward")(grad_h, g, u, activation)
+
+
+gated_product_backward = torch.library.custom_op("approxbp::gated_product_backward", mutates_args=())(_gated_product_backward)
 
 
 @gated_product_backward.register_fake
@@ -94,7 +99,7 @@ class GatedDownProjection(torch.autograd.Function):
         ctx, g: Tensor, u: Tensor, weight: Tensor, bias: Tensor | None, activation: str, dtype: torch.dtype
     ) -> Tensor:
         g_c, u_c = g.to(dtype), u.to(dtype)
-        h = gated_product_forward(g_c, u_c, activation)
+        h = call_op(gated_product_forward, _gated_product_forward, g_c, u_c, activation)
         rows = h.reshape(-1, h.shape[-1])
         with autocast_off(g):
             w = weight.to(dtype).t()
@@ -111,7 +116,7 @@ class GatedDownProjection(torch.autograd.Function):
         grad_g = grad_u = grad_weight = grad_bias = None
         with torch.no_grad():
             grad_h = (grad_rows @ weight.to(g_c.dtype)).view(g_c.shape)
-            dg, du, h = gated_product_backward(grad_h, g_c, u_c, ctx.activation)
+            dg, du, h = call_op(gated_product_backward, _gated_product_backward, grad_h, g_c, u_c, ctx.activation)
             if needs_weight:
                 # The operand order autograd uses for nn.Linear's weight gradient.
                 grad_weight = (grad_rows.t() @ h.reshape(-1, h.shape[-1])).to(weight.dtype)

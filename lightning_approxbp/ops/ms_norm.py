@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lightning_approxbp.ops._utils import (
     autocast_dtype,
+    call_op,
     check_floating,
     compute_dtype,
     guard_double_backward,
@@ -125,8 +126,7 @@ def _torch_backward(
 # ----------------------------------------------------------------------------- torch.library
 
 
-@torch.library.custom_op("approxbp::ms_norm_forward", mutates_args=())
-def ms_norm_forward(
+def _ms_norm_forward(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -144,14 +144,16 @@ def ms_norm_forward(
     return run(x, weight, bias, eps, centered, offset, out_dtype)
 
 
+ms_norm_forward = torch.library.custom_op("approxbp::ms_norm_forward", mutates_args=())(_ms_norm_forward)
+
+
 @ms_norm_forward.register_fake
 def _(x, weight, bias, eps, centered, offset, out_dtype):
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     return y, x.new_empty(x.shape[0], dtype=compute_dtype(x.dtype))
 
 
-@torch.library.custom_op("approxbp::ms_norm_backward", mutates_args=())
-def ms_norm_backward(
+def _ms_norm_backward(
     grad_output: Tensor,
     y: Tensor,
     rstd: Tensor,
@@ -170,6 +172,9 @@ def ms_norm_backward(
         return torch.empty(y.shape, dtype=input_dtype, device=y.device), grad_weight, grad_bias
     run = dispatch(OP_NAME, grad_output, _torch_backward, f"{_TRITON_KERNELS}:backward")
     return run(grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype)
+
+
+ms_norm_backward = torch.library.custom_op("approxbp::ms_norm_backward", mutates_args=())(_ms_norm_backward)
 
 
 @ms_norm_backward.register_fake
@@ -202,7 +207,7 @@ class MSNormFunction(torch.autograd.Function):
         out_dtype: torch.dtype,
         weight_clamp: float,
     ) -> Tensor:
-        y, rstd = ms_norm_forward(x, weight, bias, eps, centered, offset, out_dtype)
+        y, rstd = call_op(ms_norm_forward, _ms_norm_forward, x, weight, bias, eps, centered, offset, out_dtype)
         ctx.save_for_backward(y, rstd, weight, bias)
         ctx.centered, ctx.offset, ctx.weight_clamp, ctx.input_dtype = centered, offset, weight_clamp, x.dtype
         return y
@@ -212,8 +217,9 @@ class MSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         y, rstd, weight, bias = ctx.saved_tensors
         with torch.no_grad():
-            grad_input, grad_weight, grad_bias = ms_norm_backward(
-                grad_output, y, rstd, weight, bias, ctx.centered, ctx.offset, ctx.weight_clamp, ctx.input_dtype
+            grad_input, grad_weight, grad_bias = call_op(
+                ms_norm_backward, _ms_norm_backward,
+                grad_output, y, rstd, weight, bias, ctx.centered, ctx.offset, ctx.weight_clamp, ctx.input_dtype,
             )
         grad_weight = grad_weight if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = grad_bias if bias is not None and ctx.needs_input_grad[2] else None
@@ -264,7 +270,7 @@ def ms_norm(
     flat_weight = None if weight is None else weight.reshape(-1)
     flat_bias = None if bias is None else bias.reshape(-1)
     if not requires_grad(x, weight, bias):
-        y, _ = ms_norm_forward(rows, flat_weight, flat_bias, eps, centered, offset, out_dtype)
+        y, _ = call_op(ms_norm_forward, _ms_norm_forward, rows, flat_weight, flat_bias, eps, centered, offset, out_dtype)
     else:
         y = MSNormFunction.apply(rows, flat_weight, flat_bias, eps, centered, offset, out_dtype, weight_clamp)
     return y.view(x.shape)

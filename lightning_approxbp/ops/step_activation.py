@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lightning_approxbp.activations import get_activation, known_finite
 from lightning_approxbp.ops._utils import (
+    call_op,
     check_floating,
     compute_dtype,
     guard_double_backward,
@@ -123,8 +124,7 @@ def _torch_backward(grad_output: Tensor, packed: Tensor, nonfinite: Tensor, leve
 # ----------------------------------------------------------------------------- torch.library
 
 
-@torch.library.custom_op("approxbp::step_activation_forward", mutates_args=())
-def step_activation_forward(
+def _step_activation_forward(
     x: Tensor, thresholds: list[float], activation: str, bits: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (activation output with the shape of ``x``, packed codes, count of non-finite inputs)."""
@@ -136,14 +136,16 @@ def step_activation_forward(
     return run(x, thresholds, activation, bits)
 
 
+step_activation_forward = torch.library.custom_op("approxbp::step_activation_forward", mutates_args=())(_step_activation_forward)
+
+
 @step_activation_forward.register_fake
 def _(x: Tensor, thresholds: list[float], activation: str, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return y, x.new_empty(packed_size(x.numel(), bits), dtype=torch.uint8), x.new_empty(1, dtype=torch.int32)
 
 
-@torch.library.custom_op("approxbp::step_activation_backward", mutates_args=())
-def step_activation_backward(
+def _step_activation_backward(
     grad_output: Tensor, packed: Tensor, nonfinite: Tensor, levels: list[float], bits: int
 ) -> Tensor:
     """Returns ``grad_output * levels[code]`` (all NaN when ``nonfinite`` counts any input)."""
@@ -153,6 +155,9 @@ def step_activation_backward(
         return torch.empty_like(grad_output)
     run = dispatch(OP_NAME, grad_output, _torch_backward, f"{_TRITON_KERNELS}:backward")
     return run(grad_output, packed, nonfinite, levels, bits)
+
+
+step_activation_backward = torch.library.custom_op("approxbp::step_activation_backward", mutates_args=())(_step_activation_backward)
 
 
 @step_activation_backward.register_fake
@@ -173,7 +178,9 @@ class StepActivationFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: Tensor, table: StepTable) -> Tensor:  # type: ignore[override]
-        y, packed, nonfinite = step_activation_forward(x, list(table.thresholds), table.activation, table.bits)
+        y, packed, nonfinite = call_op(
+            step_activation_forward, _step_activation_forward, x, list(table.thresholds), table.activation, table.bits
+        )
         ctx.save_for_backward(packed, nonfinite)
         ctx.table = table
         return y
@@ -184,7 +191,9 @@ class StepActivationFunction(torch.autograd.Function):
         packed, nonfinite = ctx.saved_tensors
         table: StepTable = ctx.table
         with torch.no_grad():
-            grad_input = step_activation_backward(grad_output, packed, nonfinite, list(table.levels), table.bits)
+            grad_input = call_op(
+                step_activation_backward, _step_activation_backward, grad_output, packed, nonfinite, list(table.levels), table.bits
+            )
         (grad_input,) = guard_double_backward((grad_input,), grad_output, OP_NAME)
         return grad_input, None
 
