@@ -31,17 +31,15 @@ from lightning_approxbp.conversion.fused_loss import LogitsWatch, apply_fused_lo
 from lightning_approxbp.conversion.gated_experts import (
     FusedGatedExperts,
     GatedExpertsSpec,
-    build_fused_gated_experts,
     detect_gated_experts,
 )
 from lightning_approxbp.conversion.gated_mlp import (
     PACKED_LEFT_EXACT,
     FusedGatedMLP,
     GatedMLPSpec,
-    build_fused_gated_mlp,
     detect_gated_mlp,
 )
-from lightning_approxbp.conversion.merged import is_merged, merge_into, share_input_of
+from lightning_approxbp.conversion.merged import merge_into, share_input_of
 from lightning_approxbp.conversion.norms import (
     ConvertedNorm,
     NormSpec,
@@ -73,6 +71,7 @@ from lightning_approxbp.conversion.structure import (
 from lightning_approxbp.conversion.walker import ModuleFilter, Site, SwapLog, sites
 from lightning_approxbp.errors import ProbeError
 from lightning_approxbp.nn import RegeneratedDropout, StepActivation
+from lightning_approxbp.nn.shared_input import SHARED_INPUT_TYPES
 
 T = TypeVar("T")
 
@@ -107,8 +106,8 @@ class _Decision:
 
 
 def _is_converted(module: nn.Module) -> bool:
-    converted = (StepActivation, ConvertedNorm, FusedGatedMLP, FusedGatedExperts, RegeneratedDropout)
-    return isinstance(module, converted) or is_merged(module)
+    converted = (StepActivation, ConvertedNorm, FusedGatedMLP, FusedGatedExperts, RegeneratedDropout, *SHARED_INPUT_TYPES)
+    return isinstance(module, converted)
 
 
 def _features(spec: NormSpec) -> int | None:
@@ -317,12 +316,10 @@ class _Conversion:
 
     def apply(self) -> None:
         for site, name in self.activations:
-            self.log.replace_site(site, self._step(name))
+            self.log.replace_site(site, StepActivation.from_module(site.module, name, self.config.bits, self.config.table_for(name)))
             self.report.add(site.fqn, type(site.module).__name__, "converted", self._step_label(name))
         for site in self.dropouts:
-            new = RegeneratedDropout(site.module.p)
-            new.train(site.module.training)
-            self.log.replace_site(site, new)
+            self.log.replace_site(site, RegeneratedDropout.from_module(site.module))
             self.report.add(site.fqn, "Dropout", "converted", "mask redrawn in backward", "saves no mask; same masks")
         for site, attribute, name in self.function_activations:
             function = getattr(site.module, attribute)
@@ -336,11 +333,11 @@ class _Conversion:
         for site, spec in self.gated_mlps:
             kind = type(site.module).__name__
             if isinstance(spec, GatedExpertsSpec):
-                self.log.replace_site(site, build_fused_gated_experts(site.module, spec))
+                self.log.replace_site(site, FusedGatedExperts.from_module(site.module, spec))
                 self.report.add(site.fqn, kind, "converted", f"fused gated experts ({spec.activation})",
                                 "each expert saves its gate and up outputs only; exact gradients")
                 continue
-            self.log.replace_site(site, build_fused_gated_mlp(site.module, spec))
+            self.log.replace_site(site, FusedGatedMLP.from_module(site.module, spec))
             if spec.packed:
                 strategy = f"fused packed gated MLP ({spec.activation})"
                 halves = "first" if spec.gate_first else "second"

@@ -32,11 +32,6 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from lightning_approxbp.conversion.merged import (
-    AffineMergedLinear,
-    SharedInputLinear,
-    _norm_affine,
-)
 from lightning_approxbp.conversion.probe import (
     ProbeFn,
     default_tolerance,
@@ -45,6 +40,7 @@ from lightning_approxbp.conversion.probe import (
 )
 from lightning_approxbp.conversion.report import ConversionReport
 from lightning_approxbp.conversion.structure import has_no_values
+from lightning_approxbp.nn.shared_input import AffineMergedLinear, SharedInputLinear, norm_affine
 from lightning_approxbp.ops.linear_cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -84,7 +80,7 @@ class FusedLMHead(nn.Module):
         source = getattr(self.unfused, "affine_source", None)
         if source is None:
             return hidden
-        gamma, beta, offset = _norm_affine(source)
+        gamma, beta, offset = norm_affine(source)
         if gamma is not None:
             hidden = hidden * (gamma + offset)
         return hidden if beta is None else hidden + beta

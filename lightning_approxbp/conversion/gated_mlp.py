@@ -13,7 +13,7 @@ up side by side (hidden to twice the intermediate size) and the forward splits i
 tensor, which the product saves anyway, so where such an MLP cannot be fused its activation is
 left exact: a step derivative on its own would save nothing there and make gradients approximate.
 
-The replacement, :class:`FusedGatedMLP`, keeps the same children under the same names (state
+The replacement, :class:`~lightning_approxbp.nn.gated_mlp.FusedGatedMLP`, keeps the same children under the same names (state
 dict unchanged) and runs :func:`~lightning_approxbp.ops.gated_mlp.gated_down_projection`: only
 ``g`` and ``u`` are saved, and the gradients are exact (not a step derivative).
 
@@ -36,9 +36,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from itertools import permutations
-from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -49,29 +47,9 @@ from lightning_approxbp.conversion.activations import (
     identify_activation,
     is_activation_candidate,
 )
-from lightning_approxbp.ops.gated_mlp import gated_down_projection
+from lightning_approxbp.nn.gated_mlp import FusedGatedMLP, GatedMLPSpec, gate_and_up
 
-M = TypeVar("M", bound=nn.Module)
-
-
-@dataclass(frozen=True)
-class GatedMLPSpec:
-    """Which children play which role, and the activation (a registry name).
-
-    Packed (``gate == up``): that one projection's output holds gate and up as its two halves,
-    the gate first when ``gate_first``.
-    """
-
-    gate: str
-    up: str
-    down: str
-    activation: str
-    activation_child: str | None
-    gate_first: bool = True
-
-    @property
-    def packed(self) -> bool:
-        return self.gate == self.up
+__all__ = ["PACKED_LEFT_EXACT", "FusedGatedMLP", "GatedMLPSpec", "detect_gated_mlp"]
 
 
 # Why the activation of a packed gated MLP that is not fused stays exact (see the module docstring).
@@ -99,14 +77,6 @@ def find_activation(module: nn.Module) -> tuple[str, str | None] | None:
         if (activation := identify_activation(function)) is not None:
             found.append((activation, None))
     return found[0] if len(found) == 1 else None
-
-
-def gate_and_up(spec: GatedMLPSpec, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The gate and up projections' outputs for ``x`` (the two halves of one output when packed)."""
-    if not spec.packed:
-        return getattr(module, spec.gate)(x), getattr(module, spec.up)(x)
-    first, second = getattr(module, spec.gate)(x).chunk(2, dim=-1)
-    return (first, second) if spec.gate_first else (second, first)
 
 
 def _formula(spec: GatedMLPSpec, module: nn.Module, x: Tensor) -> Tensor:
@@ -183,38 +153,3 @@ def reproduced(expected: object, ours: Tensor, dtype: torch.dtype) -> bool:
         return False
     tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
     return torch.allclose(ours, expected, rtol=tolerance, atol=tolerance)
-
-
-class FusedGatedMLP(nn.Module):
-    """A gated MLP whose down projection saves only ``g`` and ``u`` (exact gradients).
-
-    Holds the original children under their original names, so the state dict is unchanged.
-    """
-
-    spec: GatedMLPSpec
-
-    def forward(self, x: Tensor) -> Tensor:
-        spec = self.spec
-        down = getattr(self, spec.down)
-        g, u = gate_and_up(spec, self, x)
-        return gated_down_projection(g, u, down.weight, down.bias, activation=spec.activation)
-
-    def extra_repr(self) -> str:
-        packed = "packed " if self.spec.packed else ""
-        return f"approxbp: fused {packed}gated MLP ({self.spec.activation}), saves gate and up outputs only, exact gradients"
-
-
-def build_fused_gated_mlp(original: nn.Module, spec: GatedMLPSpec) -> FusedGatedMLP:
-    """The fused replacement of ``original``, sharing its children (read now, so merged ones count)."""
-    return take_over(FusedGatedMLP(), original, spec)
-
-
-def take_over(new: M, original: nn.Module, spec: object) -> M:
-    """Give ``new`` the children, public plain attributes (e.g. ``hidden_size``) and train mode of
-    ``original``, plus its ``spec``; the replacement then reads like the original."""
-    for name, child in original.named_children():
-        new.add_module(name, child)
-    new.__dict__.update({k: v for k, v in vars(original).items() if not k.startswith("_") and k != "training"})
-    new.spec = spec
-    new.train(original.training)
-    return new

@@ -20,6 +20,13 @@ class RegeneratedDropout(nn.Dropout):
         >>> layer(torch.randn(2, 4, requires_grad=True)).sum().backward()
     """
 
+    @classmethod
+    def from_module(cls, dropout: nn.Dropout) -> RegeneratedDropout:
+        """The replacement of ``dropout``: the same ``p``, in its train mode."""
+        new = cls(dropout.p)
+        new.train(dropout.training)
+        return new
+
     def forward(self, x: Tensor) -> Tensor:
         return regenerated_dropout(x, self.p, self.training)
 
