@@ -40,10 +40,27 @@ from lightning_approxbp.conversion.probe import (
 )
 from lightning_approxbp.conversion.report import ConversionReport
 from lightning_approxbp.conversion.structure import has_no_values
-from lightning_approxbp.nn.shared_input import AffineMergedLinear, SharedInputLinear, norm_affine
+from lightning_approxbp.nn.shared_input import (
+    AffineMergedLinear,
+    SharedInputLinear,
+    norm_affine,
+)
 from lightning_approxbp.ops.linear_cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLossConfig:
+    """The fused loss's option (the same name as in
+    :class:`~lightning_approxbp.conversion.config.ConversionConfig`, which documents it)."""
+
+    fused_loss: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fused_loss, bool) or self.fused_loss == "auto"):
+            raise ValueError(f"fused_loss={self.fused_loss!r} is unknown; use True, False or 'auto'.")
+
 # Heads computed exactly as nn.Linear (the merged one applies its norm's affine first).
 _HEAD_TYPES = (nn.Linear, SharedInputLinear, AffineMergedLinear)
 _CHECK_SHAPE = (2, 9)

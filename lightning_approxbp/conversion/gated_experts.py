@@ -1,4 +1,5 @@
-"""Recognise mixture-of-experts blocks whose experts are gated MLPs, and fuse each expert's down projection.
+"""The gated experts rule: recognise mixture-of-experts blocks whose experts are gated MLPs, and
+fuse each expert's down projection.
 
 transformers (5.x) stores the experts of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek and others as one
 module with two 3-D parameters, ``gate_up_proj`` (``experts x 2·intermediate x hidden``) and
@@ -16,19 +17,26 @@ outputs are saved (not the product, nor what the activation keeps), with exact g
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from lightning_approxbp.conversion.gated_mlp import find_activation, reproduced
+from lightning_approxbp.conversion.gated_mlp import (
+    GatedMLPConfig,
+    activation_inside,
+    find_activation,
+    reproduced,
+)
+from lightning_approxbp.conversion.rule import Candidate, ConversionState, Rule
+from lightning_approxbp.conversion.walker import Site
 from lightning_approxbp.nn.gated_experts import (
     FusedGatedExperts,
     GatedExpertsSpec,
     run_experts,
 )
 
-__all__ = ["FusedGatedExperts", "GatedExpertsSpec", "detect_gated_experts"]
+__all__ = ["FusedGatedExperts", "GatedExpertsRule", "GatedExpertsSpec", "detect_gated_experts"]
 
 _PARAMETERS = {"gate_up_proj", "down_proj"}
 
@@ -77,3 +85,34 @@ def _reproduces(module: nn.Module, spec: GatedExpertsSpec) -> bool:
     except Exception:  # noqa: BLE001 - a module that cannot take this call is not this kind of experts
         return False
     return reproduced(expected, ours, weight.dtype)
+
+
+class GatedExpertsRule(Rule):
+    """Gated-MLP experts become :class:`~lightning_approxbp.nn.gated_experts.FusedGatedExperts`
+    (each expert saves its gate and up outputs only, exact gradients); ``gated_mlp`` turns it on."""
+
+    name = "gated_experts"
+    config_type = GatedMLPConfig
+    converted = (FusedGatedExperts,)
+
+    def find(self, site: Site, state: ConversionState) -> bool:
+        if not state.part(GatedMLPConfig).gated_mlp:
+            return False
+        spec, why_not = state.recognise(self.name, site.module, detect_gated_experts)
+        if why_not is not None:
+            state.report.add(site.fqn, type(site.module).__name__, "skipped", reason=why_not)
+        if spec is None or not site.holders:
+            return False
+        state.add(self, Candidate(site, spec))
+        for module in activation_inside(site.module, spec):
+            state.leave_alone(module)
+        return True
+
+    def left_alone_inside(self, module: nn.Module) -> Iterable[nn.Module]:
+        return activation_inside(module, module.spec)
+
+    def apply(self, plan: Candidate, state: ConversionState) -> None:
+        site, spec = plan.site, plan.spec
+        state.log.replace_site(site, FusedGatedExperts.from_module(site.module, spec))
+        state.report.add(site.fqn, type(site.module).__name__, "converted", f"fused gated experts ({spec.activation})",
+                         "each expert saves its gate and up outputs only; exact gradients")

@@ -1,4 +1,4 @@
-"""Recognise gated MLPs (SwiGLU, GeGLU) and fuse their down projection.
+"""The gated MLP rule: recognise gated MLPs (SwiGLU, GeGLU) and fuse their down projection.
 
 A gated MLP computes ``down(act(gate(x)) * up(x))``. It is recognised by **structure** (three
 children with ``in_features``/``out_features``: two map the hidden size to an intermediate
@@ -35,7 +35,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import permutations
 
 import torch
@@ -47,9 +48,11 @@ from lightning_approxbp.conversion.activations import (
     identify_activation,
     is_activation_candidate,
 )
+from lightning_approxbp.conversion.rule import Candidate, ConversionState, Rule
+from lightning_approxbp.conversion.walker import Site
 from lightning_approxbp.nn.gated_mlp import FusedGatedMLP, GatedMLPSpec, gate_and_up
 
-__all__ = ["PACKED_LEFT_EXACT", "FusedGatedMLP", "GatedMLPSpec", "detect_gated_mlp"]
+__all__ = ["PACKED_LEFT_EXACT", "FusedGatedMLP", "GatedMLPConfig", "GatedMLPRule", "GatedMLPSpec", "detect_gated_mlp"]
 
 
 # Why the activation of a packed gated MLP that is not fused stays exact (see the module docstring).
@@ -153,3 +156,72 @@ def reproduced(expected: object, ours: Tensor, dtype: torch.dtype) -> bool:
         return False
     tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
     return torch.allclose(ours, expected, rtol=tolerance, atol=tolerance)
+
+
+@dataclass(frozen=True)
+class GatedMLPConfig:
+    """The gated MLP and gated experts rules' option (the same name as in
+    :class:`~lightning_approxbp.conversion.config.ConversionConfig`, which documents it)."""
+
+    gated_mlp: bool = True
+
+
+def activation_inside(module: nn.Module, spec: object) -> list[nn.Module]:
+    """The activation child a fused gated MLP (or set of experts) computes exactly, if any."""
+    child = getattr(spec, "activation_child", None)
+    return [getattr(module, child)] if child is not None else []
+
+
+class GatedMLPRule(Rule):
+    """Gated MLPs become :class:`~lightning_approxbp.nn.gated_mlp.FusedGatedMLP` (saves gate and
+    up outputs only, exact gradients); a packed one that cannot be fused keeps its activation exact."""
+
+    name = "gated_mlp"
+    config_type = GatedMLPConfig
+    converted = (FusedGatedMLP,)
+
+    def find(self, site: Site, state: ConversionState) -> bool:
+        spec, why_not = state.recognise(self.name, site.module, detect_gated_mlp)
+        if not state.part(GatedMLPConfig).gated_mlp:
+            if spec is None or not spec.packed:
+                return False
+            why_not = "gated_mlp=False" + PACKED_LEFT_EXACT
+        if why_not is not None:
+            state.report.add(site.fqn, type(site.module).__name__, "skipped", reason=f"gated MLP not fused: {why_not}")
+            if spec is None:
+                return False
+            _leave_activation_exact(site, spec, state)  # packed: its activation stays exact too
+            return True
+        if spec is None or not site.holders:
+            return False
+        state.add(self, Candidate(site, spec))
+        for module in activation_inside(site.module, spec):
+            state.leave_alone(module)
+        return True
+
+    def left_alone_inside(self, module: nn.Module) -> Iterable[nn.Module]:
+        return activation_inside(module, module.spec)
+
+    def apply(self, plan: Candidate, state: ConversionState) -> None:
+        site, spec = plan.site, plan.spec
+        state.log.replace_site(site, FusedGatedMLP.from_module(site.module, spec))
+        if spec.packed:
+            strategy = f"fused packed gated MLP ({spec.activation})"
+            halves = "first" if spec.gate_first else "second"
+            why = (f"packed: {spec.gate} makes gate ({halves} half) and up, and the forward splits its output; "
+                   f"saves that output only (not the product, nor what the activation keeps); exact gradients")
+        else:
+            strategy = f"fused gated MLP ({spec.activation})"
+            why = f"saves the {spec.gate} and {spec.up} outputs only; exact gradients"
+        state.report.add(site.fqn, type(site.module).__name__, "converted", strategy, why)
+
+
+def _leave_activation_exact(site: Site, spec: GatedMLPSpec, state: ConversionState) -> None:
+    """The activation of a packed gated MLP that is not fused: a row saying why it stays exact."""
+    for child in activation_inside(site.module, spec):
+        state.leave_alone(child)
+        state.report.add(
+            f"{site.fqn}.{spec.activation_child}" if site.fqn else spec.activation_child, type(child).__name__,
+            "skipped", reason=f"left exact: inside the packed gated MLP {site.fqn or 'at the root'}, which is not "
+            "fused (its row says why a step derivative would save nothing there)",
+        )

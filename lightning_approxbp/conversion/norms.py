@@ -1,4 +1,5 @@
-"""Recognise LayerNorm / RMSNorm modules and build their memory-sharing replacements.
+"""The norm rule: recognise LayerNorm / RMSNorm modules, decide their affine strategy, swap in
+memory-sharing ones (and the consumer layers that merge or share their output).
 
 ``nn.LayerNorm`` and ``nn.RMSNorm`` are read directly. Other norms (the RMSNorm classes of
 Llama, Mistral, Qwen2, T5, Gemma's ``(1 + w)`` form, custom LayerNorms) are recognised by
@@ -9,6 +10,11 @@ against the module's own output, over the last axis and then over dim 1 of an ``
 input (channels first, as ConvNeXt's LayerNorm with ``data_format="channels_first"``); a module
 that matches none is left alone, and :func:`why_not_a_norm` says whether its structure or its
 numerics ruled it out.
+
+Per norm, :func:`decide` picks the affine strategy from where the probe saw its output go (see
+``ConversionConfig.affine``); :class:`NormRule` then swaps the norm and its consumer layers
+(:mod:`~lightning_approxbp.conversion.merged`): they are one technique, since which consumers
+change is the norm's decision.
 
 The replacements (:class:`~lightning_approxbp.nn.norm.ConvertedLayerNorm`,
 :class:`~lightning_approxbp.nn.norm.ConvertedRMSNorm`) keep the original ``weight``/``bias``
@@ -26,11 +32,16 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
+from lightning_approxbp.conversion.consumers import NormUses
+from lightning_approxbp.conversion.merged import merge_into, share_input_of
+from lightning_approxbp.conversion.rule import Candidate, ConversionState, Rule
+from lightning_approxbp.conversion.walker import Site
+from lightning_approxbp.errors import OptionError
 from lightning_approxbp.functional import ms_layer_norm, ms_rms_norm
 from lightning_approxbp.nn.norm import (
     DEFAULT_MIN_KEEP_WEIGHT,
@@ -40,17 +51,23 @@ from lightning_approxbp.nn.norm import (
     NormSpec,
     resolve_eps,
 )
+from lightning_approxbp.nn.shared_input import SHARED_INPUT_TYPES
 
 __all__ = [
+    "AFFINE_STRATEGIES",
     "ConvertedLayerNorm",
     "ConvertedNorm",
     "ConvertedRMSNorm",
+    "NormConfig",
+    "NormRule",
     "NormSpec",
     "build_converted_norm",
+    "decide",
     "detect_norm",
     "why_not_a_norm",
 ]
 
+AFFINE_STRATEGIES: tuple[str, ...] = ("auto", "merge", "keep")
 _EPS_ATTRIBUTES: tuple[str, ...] = ("eps", "variance_epsilon")
 _CANDIDATE_FORMS: tuple[tuple[bool, float], ...] = ((False, 0.0), (False, 1.0), (True, 0.0))
 
@@ -228,3 +245,165 @@ def build_converted_norm(
     :meth:`~lightning_approxbp.nn.norm.ConvertedNorm.from_module`)."""
     cls = ConvertedLayerNorm if spec.centered else ConvertedRMSNorm
     return cls.from_module(original, spec, strategy, dtype_policy, min_keep_weight)
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """The norm rule's options (the same names as in
+    :class:`~lightning_approxbp.conversion.config.ConversionConfig`, which documents them)."""
+
+    norms: bool = True
+    share_norm_output: bool = True
+    affine: str = "auto"
+    min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT
+
+    def __post_init__(self) -> None:
+        if self.affine not in AFFINE_STRATEGIES:
+            raise OptionError("affine", self.affine, AFFINE_STRATEGIES)
+        if self.affine != "auto" and not self.norms:
+            raise ValueError(f"affine={self.affine!r} only applies to norms, but norms=False; drop affine or set norms=True.")
+        if not self.min_keep_weight > 0:
+            raise ValueError(f"min_keep_weight must be positive, got {self.min_keep_weight!r}.")
+
+
+@dataclass
+class Decision:
+    """What happens to one norm (``strategy=None``: it is skipped)."""
+
+    strategy: str | None
+    dtype_policy: str = "input"
+    # merge: the linear layers that take the affine; otherwise: those that share the output
+    consumers: list[nn.Module] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass
+class NormPlan:
+    """A norm candidate, where the probe saw its output go (``None``: not traced), and the decision."""
+
+    candidate: Candidate
+    uses: NormUses | None
+    decision: Decision
+
+
+def _features(spec: NormSpec) -> int | None:
+    """The norm's feature count when it normalises the last axis only (what a linear layer
+    reads, so its affine can move there); ``None`` for several axes or channels first."""
+    return spec.normalized_shape[0] if len(spec.normalized_shape) == 1 and not spec.channels_first else None
+
+
+def _min_abs_gamma(norm: nn.Module, offset: float) -> float | None:
+    scale = gamma(norm, offset)
+    return None if scale is None or scale.numel() == 0 or scale.is_meta else scale.abs().min().item()
+
+
+def decide(norm: nn.Module, spec: NormSpec, uses: NormUses | None, config: NormConfig) -> Decision:
+    """Choose the affine strategy and output dtype policy of one norm (see ConversionConfig.affine)."""
+    traced = uses is not None and uses.called
+    linear_only = traced and uses.all_linear
+    dtype_policy = "autocast" if linear_only else "input"
+    sharing = uses.consumers if traced and config.share_norm_output else []
+    if not (spec.has_weight or spec.has_bias):
+        return Decision("plain", dtype_policy, sharing, reason="no affine parameters: exact")
+    blockers = "" if not traced else ", ".join(uses.blockers()[:4])
+    if traced and uses.all_mergeable and _features(spec) is not None:
+        merge_reason = f"affine applied in {len(uses.consumers)} consumer(s): exact"
+        merge = Decision("merge", "autocast", uses.consumers, merge_reason)
+    elif not traced:
+        merge = Decision(None, reason="uses not traced (no probe batch)" if uses is None else "not called by the probe")
+    else:
+        merge = Decision(None, reason=f"output also used by {blockers}")
+    if config.affine == "merge" or (config.affine == "auto" and merge.strategy):
+        return merge
+    smallest = _min_abs_gamma(norm, spec.offset)
+    if smallest is not None and smallest < config.min_keep_weight:
+        reason = f"min |weight| = {smallest:.1e} < min_keep_weight = {config.min_keep_weight:g}: output recovery unsafe"
+        return Decision(None, reason=reason if config.affine == "keep" else f"{merge.reason}; {reason}")
+    keep_reason = "affine kept (forced)" if config.affine == "keep" else f"{merge.reason}; affine kept"
+    if smallest is not None:
+        keep_reason += f", min |weight| = {smallest:.2g}"
+    elif spec.has_weight and norm.weight.is_meta:
+        keep_reason += ", min |weight| checked at the first forward with real weights"
+    if dtype_policy == "input":
+        keep_reason += "; emits its input dtype under autocast (output feeds more than linear layers)"
+    return Decision("keep", dtype_policy, sharing, reason=keep_reason)
+
+
+class NormRule(Rule):
+    """LayerNorm/RMSNorm forms become memory-sharing norms; their consumer layers merge the
+    affine or share the output (:class:`~lightning_approxbp.nn.shared_input.SharedInputLinear`, ...)."""
+
+    name = "norm"
+    config_type = NormConfig
+    converted = (ConvertedNorm, *SHARED_INPUT_TYPES)
+
+    def find(self, site: Site, state: ConversionState) -> bool:
+        if not state.part(NormConfig).norms:
+            return False
+        module = site.module
+        spec = state.recognise(self.name, module, detect_norm)
+        if spec is not None:
+            if not site.holders:
+                state.report.add(site.fqn, type(module).__name__, "skipped", reason="the root cannot be replaced in place")
+            else:
+                state.add(self, Candidate(site, spec))
+            return True
+        reason = why_not_a_norm(module)
+        if reason is not None:
+            state.report.add(site.fqn, type(module).__name__, "skipped", reason=reason)
+        return reason is not None
+
+    def traced_norms(self, candidates: list[Candidate]) -> dict[nn.Module, int | None]:
+        return {c.site.module: _features(c.spec) for c in candidates}
+
+    def decide(self, candidate: Candidate, state: ConversionState) -> NormPlan:
+        uses = state.reference.norm_uses[candidate.site.module] if state.reference is not None else None
+        return NormPlan(candidate, uses, decide(candidate.site.module, candidate.spec, uses, state.part(NormConfig)))
+
+    def apply(self, plan: NormPlan, state: ConversionState) -> None:
+        site, spec, decision = plan.candidate.site, plan.candidate.spec, plan.decision
+        config = state.part(NormConfig)
+        kind = type(site.module).__name__
+        if decision.strategy is None:
+            state.report.add(site.fqn, kind, "skipped", reason=decision.reason)
+            _report_readers(plan, config, state)
+            return
+        new = build_converted_norm(site.module, spec, decision.strategy, decision.dtype_policy, config.min_keep_weight)
+        state.log.replace_site(site, new)
+        layout = " channels-first" if spec.channels_first else ""
+        strategy = f"{spec.kind}{layout} {decision.strategy}, output={decision.dtype_policy}"
+        state.report.add(site.fqn, kind, "converted", strategy, decision.reason)
+        for consumer in decision.consumers:
+            consumer_site = state.site_of[id(consumer)]
+            if decision.strategy == "merge":
+                replacement, strategy = merge_into(consumer, new), f"applies affine of {site.fqn}"
+            else:
+                replacement, strategy = share_input_of(consumer), f"saves the output of {site.fqn}, no copy"
+            state.log.replace_site(consumer_site, replacement)
+            state.report.add(consumer_site.fqn, type(consumer).__name__, "converted", strategy)
+        _report_readers(plan, config, state)
+
+
+def _report_readers(plan: NormPlan, config: NormConfig, state: ConversionState) -> None:
+    """A row for every layer that reads the norm's output but was left as it was, saying why."""
+    uses, norm_fqn, decision = plan.uses, plan.candidate.site.fqn, plan.decision
+    if uses is None:
+        return
+    changed = {state.site_of[id(consumer)].fqn for consumer in decision.consumers}
+    if decision.strategy is None:
+        why = f"reads the output of {norm_fqn}, which was skipped: keeps its own input copy"
+    elif not config.share_norm_output and decision.strategy != "merge":
+        why = f"reads the output of {norm_fqn}; share_norm_output=False: keeps its own input copy"
+    else:
+        why = f"reads the output of {norm_fqn} together with other inputs: keeps its own input copy"
+    readers = [(fqn, why) for fqn in uses.layer_readers if fqn not in changed]
+    readers += [
+        (fqn, (f"reads the output of {norm_fqn} through {dropout} (a new tensor while training), which no "
+               "other layer saves: keeps its own input copy"))
+        for fqn, dropout in dict.fromkeys(uses.through_dropout)
+    ]
+    listed = {row.fqn for row in state.report.rows}
+    for fqn, why in readers:
+        if fqn and fqn not in listed:
+            listed.add(fqn)
+            state.report.add(fqn, type(state.root.get_submodule(fqn)).__name__, "skipped", reason=why)

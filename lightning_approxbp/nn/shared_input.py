@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Self
 
 from lightning_approxbp.ops.affine_linear import affine_linear
 
@@ -47,7 +48,7 @@ class SharedInputLinear(nn.Linear):
     """
 
     @classmethod
-    def from_module(cls: type[L], linear: nn.Module, **kwargs: Any) -> L:
+    def from_module(cls, linear: nn.Module, **kwargs: Any) -> Self:
         """The replacement of ``linear``, holding its parameters; ``kwargs`` go to ``__init__``."""
         # The parameters __init__ makes are placeholders (the layer's replace them): on meta they cost nothing.
         with torch.device("meta"):
@@ -109,7 +110,7 @@ if Conv1D is not None:
         """transformers ``Conv1D`` (``weight`` is ``in x out``) that saves its input norm's output, not a copy."""
 
         @classmethod
-        def from_module(cls: type[L], conv: nn.Module, **kwargs: Any) -> L:
+        def from_module(cls, conv: nn.Module, **kwargs: Any) -> Self:
             """The replacement of ``conv``, holding its parameters; ``kwargs`` go to ``__init__``."""
             with torch.device("meta"):
                 new = cls(conv.nf, conv.nx, **kwargs)
