@@ -17,18 +17,18 @@ outputs are saved (not the product, nor what the activation keeps), with exact g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from lightning_approxbp.conversion.gated_mlp import (
+    FusingRule,
     GatedMLPConfig,
-    activation_inside,
     find_activation,
     reproduced,
 )
-from lightning_approxbp.conversion.rule import Candidate, ConversionState, Rule
+from lightning_approxbp.conversion.rule import ConversionState
 from lightning_approxbp.conversion.walker import Site
 from lightning_approxbp.nn.gated_experts import (
     FusedGatedExperts,
@@ -87,7 +87,7 @@ def _reproduces(module: nn.Module, spec: GatedExpertsSpec) -> bool:
     return reproduced(expected, ours, weight.dtype)
 
 
-class GatedExpertsRule(Rule):
+class GatedExpertsRule(FusingRule):
     """Gated-MLP experts become :class:`~lightning_approxbp.nn.gated_experts.FusedGatedExperts`
     (each expert saves its gate and up outputs only, exact gradients); ``gated_mlp`` turns it on."""
 
@@ -101,18 +101,7 @@ class GatedExpertsRule(Rule):
         spec, why_not = state.recognise(self.name, site.module, detect_gated_experts)
         if why_not is not None:
             state.report.add(site.fqn, type(site.module).__name__, "skipped", reason=why_not)
-        if spec is None or not site.holders:
-            return False
-        state.add(self, Candidate(site, spec))
-        for module in activation_inside(site.module, spec):
-            state.leave_alone(module)
-        return True
+        return self.claim(site, spec, state)
 
-    def left_alone_inside(self, module: nn.Module) -> Iterable[nn.Module]:
-        return activation_inside(module, module.spec)
-
-    def apply(self, plan: Candidate, state: ConversionState) -> None:
-        site, spec = plan.site, plan.spec
-        state.log.replace_site(site, FusedGatedExperts.from_module(site.module, spec))
-        state.report.add(site.fqn, type(site.module).__name__, "converted", f"fused gated experts ({spec.activation})",
-                         "each expert saves its gate and up outputs only; exact gradients")
+    def describe(self, spec: GatedExpertsSpec) -> tuple[str, str]:
+        return f"fused gated experts ({spec.activation})", "each expert saves its gate and up outputs only; exact gradients"

@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import permutations
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,7 @@ from lightning_approxbp.conversion.rule import Candidate, ConversionState, Rule
 from lightning_approxbp.conversion.walker import Site
 from lightning_approxbp.nn.gated_mlp import FusedGatedMLP, GatedMLPSpec, gate_and_up
 
-__all__ = ["PACKED_LEFT_EXACT", "FusedGatedMLP", "GatedMLPConfig", "GatedMLPRule", "GatedMLPSpec", "detect_gated_mlp"]
+__all__ = ["PACKED_LEFT_EXACT", "FusedGatedMLP", "FusingRule", "GatedMLPConfig", "GatedMLPRule", "GatedMLPSpec", "detect_gated_mlp"]
 
 
 # Why the activation of a packed gated MLP that is not fused stays exact (see the module docstring).
@@ -172,7 +173,34 @@ def activation_inside(module: nn.Module, spec: object) -> list[nn.Module]:
     return [getattr(module, child)] if child is not None else []
 
 
-class GatedMLPRule(Rule):
+class FusingRule(Rule):
+    """A rule whose replacement (the one type in :attr:`converted`, built by its ``from_module``)
+    computes the activation inside it exactly: that activation is claimed with it, so that no
+    later rule converts it on its own."""
+
+    def claim(self, site: Site, spec: object | None, state: ConversionState) -> bool:
+        """Record ``site`` (when there is a ``spec`` and it can be replaced) and claim its activation."""
+        if spec is None or not site.holders:
+            return False
+        state.add(self, Candidate(site, spec))
+        for module in activation_inside(site.module, spec):
+            state.leave_alone(module)
+        return True
+
+    def left_alone_inside(self, module: nn.Module) -> Iterable[nn.Module]:
+        return activation_inside(module, module.spec)
+
+    def describe(self, spec: Any) -> tuple[str, str]:
+        """The report's strategy and reason for a fused ``spec``."""
+        raise NotImplementedError
+
+    def apply(self, plan: Candidate, state: ConversionState) -> None:
+        (replacement,) = self.converted
+        state.log.replace_site(plan.site, replacement.from_module(plan.site.module, plan.spec))
+        state.report.add(plan.site.fqn, type(plan.site.module).__name__, "converted", *self.describe(plan.spec))
+
+
+class GatedMLPRule(FusingRule):
     """Gated MLPs become :class:`~lightning_approxbp.nn.gated_mlp.FusedGatedMLP` (saves gate and
     up outputs only, exact gradients); a packed one that cannot be fused keeps its activation exact."""
 
@@ -192,28 +220,16 @@ class GatedMLPRule(Rule):
                 return False
             _leave_activation_exact(site, spec, state)  # packed: its activation stays exact too
             return True
-        if spec is None or not site.holders:
-            return False
-        state.add(self, Candidate(site, spec))
-        for module in activation_inside(site.module, spec):
-            state.leave_alone(module)
-        return True
+        return self.claim(site, spec, state)
 
-    def left_alone_inside(self, module: nn.Module) -> Iterable[nn.Module]:
-        return activation_inside(module, module.spec)
-
-    def apply(self, plan: Candidate, state: ConversionState) -> None:
-        site, spec = plan.site, plan.spec
-        state.log.replace_site(site, FusedGatedMLP.from_module(site.module, spec))
+    def describe(self, spec: GatedMLPSpec) -> tuple[str, str]:
         if spec.packed:
-            strategy = f"fused packed gated MLP ({spec.activation})"
             halves = "first" if spec.gate_first else "second"
-            why = (f"packed: {spec.gate} makes gate ({halves} half) and up, and the forward splits its output; "
-                   f"saves that output only (not the product, nor what the activation keeps); exact gradients")
-        else:
-            strategy = f"fused gated MLP ({spec.activation})"
-            why = f"saves the {spec.gate} and {spec.up} outputs only; exact gradients"
-        state.report.add(site.fqn, type(site.module).__name__, "converted", strategy, why)
+            return f"fused packed gated MLP ({spec.activation})", (
+                f"packed: {spec.gate} makes gate ({halves} half) and up, and the forward splits its output; "
+                f"saves that output only (not the product, nor what the activation keeps); exact gradients"
+            )
+        return f"fused gated MLP ({spec.activation})", f"saves the {spec.gate} and {spec.up} outputs only; exact gradients"
 
 
 def _leave_activation_exact(site: Site, spec: GatedMLPSpec, state: ConversionState) -> None:
