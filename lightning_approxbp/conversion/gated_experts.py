@@ -36,8 +36,6 @@ from lightning_approxbp.nn.gated_experts import (
     run_experts,
 )
 
-__all__ = ["FusedGatedExperts", "GatedExpertsRule", "GatedExpertsSpec", "detect_gated_experts"]
-
 _PARAMETERS = {"gate_up_proj", "down_proj"}
 
 

@@ -53,9 +53,6 @@ from lightning_approxbp.conversion.rule import Candidate, ConversionState, Rule
 from lightning_approxbp.conversion.walker import Site
 from lightning_approxbp.nn.gated_mlp import FusedGatedMLP, GatedMLPSpec, gate_and_up
 
-__all__ = ["PACKED_LEFT_EXACT", "FusedGatedMLP", "FusingRule", "GatedMLPConfig", "GatedMLPRule", "GatedMLPSpec", "detect_gated_mlp"]
-
-
 # Why the activation of a packed gated MLP that is not fused stays exact (see the module docstring).
 PACKED_LEFT_EXACT = (
     "; its activation is left exact: gate and up are halves of one tensor, which the product saves anyway, "

@@ -31,8 +31,6 @@ from lightning_approxbp.nn.shared_input import (
     SharedInputLinear,
 )
 
-__all__ = ["AffineMergedLinear", "SharedInputLinear", "consumer_kind", "merge_into", "share_input_of"]
-
 
 def _linear_reads(func: Callable, args: tuple, kwargs: dict, module: nn.Module, tensor: Tensor) -> bool:
     weight = args[1] if len(args) > 1 else kwargs.get("weight")

@@ -53,20 +53,6 @@ from lightning_approxbp.nn.norm import (
 )
 from lightning_approxbp.nn.shared_input import SHARED_INPUT_TYPES
 
-__all__ = [
-    "AFFINE_STRATEGIES",
-    "ConvertedLayerNorm",
-    "ConvertedNorm",
-    "ConvertedRMSNorm",
-    "NormConfig",
-    "NormRule",
-    "NormSpec",
-    "build_converted_norm",
-    "decide",
-    "detect_norm",
-    "why_not_a_norm",
-]
-
 AFFINE_STRATEGIES: tuple[str, ...] = ("auto", "merge", "keep")
 _EPS_ATTRIBUTES: tuple[str, ...] = ("eps", "variance_epsilon")
 _CANDIDATE_FORMS: tuple[tuple[bool, float], ...] = ((False, 0.0), (False, 1.0), (True, 0.0))

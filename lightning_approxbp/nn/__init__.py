@@ -5,6 +5,7 @@ from lightning_approxbp.nn.activation import ReGELU2, ReSiLU2, StepActivation
 from lightning_approxbp.nn.dropout import RegeneratedDropout
 from lightning_approxbp.nn.gated_experts import FusedGatedExperts
 from lightning_approxbp.nn.gated_mlp import FusedGatedMLP
+from lightning_approxbp.nn.lm_head import FusedLMHead
 from lightning_approxbp.nn.norm import (
     ConvertedLayerNorm,
     ConvertedNorm,
@@ -21,6 +22,7 @@ __all__ = [
     "ConvertedRMSNorm",
     "FusedGatedExperts",
     "FusedGatedMLP",
+    "FusedLMHead",
     "MSLayerNorm",
     "MSRMSNorm",
     "ReGELU2",

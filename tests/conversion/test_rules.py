@@ -26,6 +26,7 @@ from lightning_approxbp.nn import (
     ConvertedRMSNorm,
     FusedGatedExperts,
     FusedGatedMLP,
+    FusedLMHead,
     RegeneratedDropout,
     SharedInputLinear,
     StepActivation,
@@ -111,6 +112,7 @@ def _counting_init(monkeypatch: pytest.MonkeyPatch, cls: type) -> list[type]:
         (FusedGatedExperts, lambda: FusedGatedExperts.from_module(nn.Module(), GatedExpertsSpec("silu", None, True))),
         (RegeneratedDropout, lambda: RegeneratedDropout.from_module(nn.Dropout(0.2))),
         (StepActivation, lambda: StepActivation.from_module(nn.GELU(), "gelu")),
+        (FusedLMHead, lambda: FusedLMHead.from_module(nn.Linear(4, 8))),
     ],
 )
 def test_replacements_are_built_through_init(monkeypatch: pytest.MonkeyPatch, cls: type, build) -> None:
