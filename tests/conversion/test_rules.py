@@ -166,3 +166,17 @@ def test_a_technique_is_one_rule_in_the_tuple(monkeypatch: pytest.MonkeyPatch) -
     assert isinstance(model[2], _Halve) and report.row("2").strategy == "halved"
     again = convert(model, torch.randn(2, 4), verify=False)
     assert again.row("2").action == "unchanged"
+
+
+def test_the_norms_swap_before_the_gated_mlps_that_hold_their_consumers() -> None:
+    """The ordering RULES states: a fused gated MLP takes over the merged gate and up projections."""
+    pytest.importorskip("transformers")
+    from tests.conversion.models import CASES
+
+    case = CASES["llama"]
+    model = case.build()
+    convert(model, case.batch)
+    for layer in model.model.layers:
+        assert isinstance(layer.mlp, FusedGatedMLP)
+        assert isinstance(layer.mlp.gate_proj, AffineMergedLinear) and isinstance(layer.mlp.up_proj, AffineMergedLinear)
+        assert layer.mlp.gate_proj.affine_source is layer.post_attention_layernorm
