@@ -134,7 +134,7 @@ class ActivationRule(Rule):
     converted = (StepActivation,)
 
     def find(self, site: Site, state: ConversionState) -> bool:
-        config = state.part(ActivationConfig)
+        config: ActivationConfig = self.options(state)
         if not config.activations:
             return False
         module = site.module
@@ -159,7 +159,7 @@ class ActivationRule(Rule):
         return dealt
 
     def watches_calls(self, state: ConversionState) -> bool:
-        return state.part(ActivationConfig).activations
+        return self.options(state).activations
 
     def traced(self, calls: ActivationCalls, state: ConversionState) -> None:
         """A row for each activation called as a function inside a forward that nothing converts."""
@@ -178,7 +178,7 @@ class ActivationRule(Rule):
             )
 
     def apply(self, plan: Candidate, state: ConversionState) -> None:
-        config = state.part(ActivationConfig)
+        config: ActivationConfig = self.options(state)
         site, name = plan.site, plan.spec
         table = config.table_for(name)
         if plan.attribute is None:

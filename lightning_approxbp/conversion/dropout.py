@@ -32,7 +32,7 @@ class DropoutRule(Rule):
     converted = (RegeneratedDropout,)
 
     def find(self, site: Site, state: ConversionState) -> bool:
-        if not state.part(DropoutConfig).dropout or type(site.module) is not nn.Dropout:
+        if not self.options(state).dropout or type(site.module) is not nn.Dropout:
             return False
         if site.module.p > 0 and site.holders:
             state.add(self, Candidate(site))

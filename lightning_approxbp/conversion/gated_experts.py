@@ -94,7 +94,7 @@ class GatedExpertsRule(FusingRule):
     converted = (FusedGatedExperts,)
 
     def find(self, site: Site, state: ConversionState) -> bool:
-        if not state.part(GatedMLPConfig).gated_mlp:
+        if not self.options(state).gated_mlp:
             return False
         spec, why_not = state.recognise(self.name, site.module, detect_gated_experts)
         if why_not is not None:

@@ -207,7 +207,7 @@ class GatedMLPRule(FusingRule):
 
     def find(self, site: Site, state: ConversionState) -> bool:
         spec, why_not = state.recognise(self.name, site.module, detect_gated_mlp)
-        if not state.part(GatedMLPConfig).gated_mlp:
+        if not self.options(state).gated_mlp:
             if spec is None or not spec.packed:
                 return False
             why_not = "gated_mlp=False" + PACKED_LEFT_EXACT

@@ -324,7 +324,7 @@ class NormRule(Rule):
     converted = (ConvertedNorm, *SHARED_INPUT_TYPES)
 
     def find(self, site: Site, state: ConversionState) -> bool:
-        if not state.part(NormConfig).norms:
+        if not self.options(state).norms:
             return False
         module = site.module
         spec = state.recognise(self.name, module, detect_norm)
@@ -344,11 +344,11 @@ class NormRule(Rule):
 
     def decide(self, candidate: Candidate, state: ConversionState) -> NormPlan:
         uses = state.reference.norm_uses[candidate.site.module] if state.reference is not None else None
-        return NormPlan(candidate, uses, decide(candidate.site.module, candidate.spec, uses, state.part(NormConfig)))
+        return NormPlan(candidate, uses, decide(candidate.site.module, candidate.spec, uses, self.options(state)))
 
     def apply(self, plan: NormPlan, state: ConversionState) -> None:
         site, spec, decision = plan.candidate.site, plan.candidate.spec, plan.decision
-        config = state.part(NormConfig)
+        config: NormConfig = self.options(state)
         kind = type(site.module).__name__
         if decision.strategy is None:
             state.report.add(site.fqn, kind, "skipped", reason=decision.reason)

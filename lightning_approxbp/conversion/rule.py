@@ -61,13 +61,17 @@ class Rule:
 
     Attributes:
         name: the technique, as the structure cache and the docs name it.
-        config_type: the part of the config this rule reads (``state.config.part(config_type)``).
+        config_type: the part of the config this rule reads (:meth:`options`).
         converted: the types of the modules this rule puts in place.
     """
 
     name: str
     config_type: type[Any]
     converted: tuple[type[nn.Module], ...]
+
+    def options(self, state: ConversionState) -> Any:
+        """This rule's part of the conversion's config (a :attr:`config_type`)."""
+        return state.part(self.config_type)
 
     def find(self, site: Site, state: ConversionState) -> bool:
         """Record ``site`` as a candidate (``state.add``) or report why it is left alone; ``True``
@@ -129,10 +133,13 @@ class ConversionState:
         self.reference: ProbeRun | None = None
         self._converted = tuple(kind for rule in rules for kind in rule.converted)
         self._left_alone: set[int] = set()
+        self._parts: dict[type[Any], Any] = {}
 
     def part(self, kind: type[P]) -> P:
-        """The config's part of type ``kind``."""
-        return self.config.part(kind)
+        """The config's part of type ``kind`` (built once: rules ask for it at every module)."""
+        if kind not in self._parts:
+            self._parts[kind] = self.config.part(kind)
+        return self._parts[kind]
 
     def recognise(self, name: str, module: nn.Module, detect: Callable[..., Any]) -> Any:
         """``detect(module, values=...)``, once per structure, probing a materialised twin where
