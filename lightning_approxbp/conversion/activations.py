@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_approxbp.activations import ACTIVATIONS, get_activation
-from lightning_approxbp.conversion.calls import ActivationCalls, function_form
+from lightning_approxbp.conversion.calls import function_form
+from lightning_approxbp.conversion.probe import ProbeRun
 from lightning_approxbp.conversion.rule import Candidate, ConversionState, Rule
 from lightning_approxbp.conversion.walker import Site
 from lightning_approxbp.errors import OptionError
@@ -161,10 +162,10 @@ class ActivationRule(Rule):
     def watches_calls(self, state: ConversionState) -> bool:
         return self.options(state).activations
 
-    def traced(self, calls: ActivationCalls, state: ConversionState) -> None:
+    def traced(self, run: ProbeRun, state: ConversionState) -> None:
         """A row for each activation called as a function inside a forward that nothing converts."""
         covered = {id(c.site.module) for candidates in state.candidates.values() for c in candidates if not c.attribute}
-        for module, name in calls:
+        for module, name in run.activation_calls:
             site = state.site_of.get(id(module))
             if site is None or id(module) in covered or _calls_are_covered(site, state):
                 continue

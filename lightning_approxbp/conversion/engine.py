@@ -123,7 +123,7 @@ class _Conversion(ConversionState):
     def traced(self, run: ProbeRun) -> None:
         self.reference = run
         for rule in self.rules:
-            rule.traced(run.activation_calls, self)
+            rule.traced(run, self)
 
     # ----------------------------------------------------------------------- decide + swap
     def apply(self) -> None:

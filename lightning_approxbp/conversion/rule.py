@@ -25,7 +25,6 @@ from typing import Any, Protocol, TypeVar
 
 from torch import nn
 
-from lightning_approxbp.conversion.calls import ActivationCalls
 from lightning_approxbp.conversion.probe import ProbeRun
 from lightning_approxbp.conversion.report import ConversionReport
 from lightning_approxbp.conversion.structure import StructureCache
@@ -90,8 +89,8 @@ class Rule:
         """Whether the reference probe run must watch the activations a forward calls as functions."""
         return False
 
-    def traced(self, calls: ActivationCalls, state: ConversionState) -> None:
-        """Read the reference probe run's activation calls (reporting what stays exact)."""
+    def traced(self, run: ProbeRun, state: ConversionState) -> None:
+        """Read the reference probe run (e.g. report the activation calls that stay exact)."""
 
     def decide(self, candidate: Candidate, state: ConversionState) -> Any:
         """The plan for ``candidate`` (default: the candidate itself); may read ``state.reference``."""
