@@ -113,7 +113,8 @@ class ApproxBP(Callback):
         tolerance: relative output error accepted by ``verify`` (per dtype).
         config: all of the conversion options above as one
             :class:`~lightning_approxbp.conversion.ConversionConfig`, instead of the keywords
-            (giving both is an error that names the keywords).
+            (giving both is an error that names the keywords); e.g. a named one,
+            ``ConversionConfig.preset("paper")``.
         probe_samples: how many samples of the first train batch the ``training_step`` probe
             runs on (``example_input`` and ``example_input_array`` are used as given).
         memory_budget: after conversion, checkpoint the fewest blocks (children of the model's

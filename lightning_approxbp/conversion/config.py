@@ -1,15 +1,59 @@
-"""Conversion options, checked once when they are built."""
+"""Conversion options, checked once when they are built.
+
+:class:`ConversionConfig` is the flat set of options that ``convert``, ``ApproxBP`` and YAML
+configs take; it is composed of one part per technique (each a small frozen dataclass next to
+its rule, with the same field names) plus the verification's. Each part checks its own
+options; :meth:`ConversionConfig.part` gives a rule its part, :meth:`ConversionConfig.compose`
+builds a config from parts, and :meth:`ConversionConfig.preset` gives a named one.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
+from lightning_approxbp.conversion.activations import ActivationConfig
+from lightning_approxbp.conversion.dropout import DropoutConfig
+from lightning_approxbp.conversion.fused_loss import FusedLossConfig
+from lightning_approxbp.conversion.gated_mlp import GatedMLPConfig
+from lightning_approxbp.conversion.norms import AFFINE_STRATEGIES, NormConfig
 from lightning_approxbp.errors import OptionError
-from lightning_approxbp.tables import SUPPORTED_BITS, TABLE_KINDS, StepTable, has_table
+from lightning_approxbp.tables import StepTable
 
-AFFINE_STRATEGIES: tuple[str, ...] = ("auto", "merge", "keep")
-DEFAULT_MIN_KEEP_WEIGHT = 1e-2
+__all__ = ["AFFINE_STRATEGIES", "PRESETS", "ConversionConfig", "VerifyConfig"]
+
+P = TypeVar("P")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """The verification's options (the same names as in :class:`ConversionConfig`, which documents them)."""
+
+    verify: bool = True
+    tolerance: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ValueError(f"tolerance must be positive, got {self.tolerance!r}.")
+        if self.tolerance is not None and not self.verify:
+            raise ValueError("tolerance only applies with verify=True; drop tolerance or set verify=True.")
+
+
+# Checked in this order, so that the first wrong option is the one named.
+_PARTS: tuple[type[Any], ...] = (
+    FusedLossConfig, ActivationConfig, NormConfig, VerifyConfig, GatedMLPConfig, DropoutConfig,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # What this package recommends: every technique, the fitted step tables.
+    "default": {},
+    # Yang et al., ICML 2024, as published: ReGELU2/ReSiLU2 (the paper's 2-bit tables) and
+    # memory-sharing norms (their affine merged into the next linear layers, here at compute time).
+    "paper": {
+        "table": "paper", "bits": 2, "gated_mlp": False, "dropout": False, "share_norm_output": False,
+        "fused_loss": False,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -50,20 +94,27 @@ class ConversionConfig:
 
     Raises:
         ValueError: for an unknown option or a combination that cannot work.
+
+    Example::
+
+        >>> ConversionConfig.preset("paper").part(ActivationConfig)
+        ActivationConfig(activations=True, bits=2, table='paper')
+        >>> ConversionConfig.compose(NormConfig(affine="merge")) == ConversionConfig(affine="merge")
+        True
     """
 
-    activations: bool = True
-    norms: bool = True
-    gated_mlp: bool = True
-    dropout: bool = True
-    share_norm_output: bool = True
-    bits: int = 2
-    table: StepTable | str = "fitted"
-    affine: str = "auto"
-    fused_loss: bool | str = "auto"
-    verify: bool = True
-    min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT
-    tolerance: float | None = None
+    activations: bool = ActivationConfig.activations
+    norms: bool = NormConfig.norms
+    gated_mlp: bool = GatedMLPConfig.gated_mlp
+    dropout: bool = DropoutConfig.dropout
+    share_norm_output: bool = NormConfig.share_norm_output
+    bits: int = ActivationConfig.bits
+    table: StepTable | str = ActivationConfig.table
+    affine: str = NormConfig.affine
+    fused_loss: bool | str = FusedLossConfig.fused_loss
+    verify: bool = VerifyConfig.verify
+    min_keep_weight: float = NormConfig.min_keep_weight
+    tolerance: float | None = VerifyConfig.tolerance
 
     def __post_init__(self) -> None:
         if not (self.activations or self.norms or self.gated_mlp or self.dropout or self.fused_loss is True):
@@ -71,29 +122,29 @@ class ConversionConfig:
                 "activations=False, norms=False, gated_mlp=False and dropout=False leave nothing to convert; "
                 "enable at least one (or fused_loss=True)."
             )
-        if not (isinstance(self.fused_loss, bool) or self.fused_loss == "auto"):
-            raise ValueError(f"fused_loss={self.fused_loss!r} is unknown; use True, False or 'auto'.")
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
-            raise OptionError("bits", self.bits, SUPPORTED_BITS)
-        if isinstance(self.table, StepTable):
-            if self.table.bits != self.bits:
-                raise ValueError(
-                    f"The table has {self.table.bits} bits but bits={self.bits}; pass bits={self.table.bits}."
-                )
-        elif self.table not in TABLE_KINDS:
-            raise OptionError("table", self.table, TABLE_KINDS, extra="or a StepTable")
-        elif self.table == "paper" and self.bits != 2:
-            raise ValueError(f"The paper's tables have 2 bits; pass bits=2 or table='fitted' (got bits={self.bits}).")
-        if self.affine not in AFFINE_STRATEGIES:
-            raise OptionError("affine", self.affine, AFFINE_STRATEGIES)
-        if self.affine != "auto" and not self.norms:
-            raise ValueError(f"affine={self.affine!r} only applies to norms, but norms=False; drop affine or set norms=True.")
-        if not self.min_keep_weight > 0:
-            raise ValueError(f"min_keep_weight must be positive, got {self.min_keep_weight!r}.")
-        if self.tolerance is not None and not self.tolerance > 0:
-            raise ValueError(f"tolerance must be positive, got {self.tolerance!r}.")
-        if self.tolerance is not None and not self.verify:
-            raise ValueError("tolerance only applies with verify=True; drop tolerance or set verify=True.")
+        for kind in _PARTS:
+            self.part(kind)
+
+    def part(self, kind: type[P]) -> P:
+        """The part of type ``kind`` (a technique's config, or :class:`VerifyConfig`): its fields, as set here."""
+        return kind(**{f.name: getattr(self, f.name) for f in fields(kind)})
+
+    @classmethod
+    def compose(cls, *parts: Any, **options: Any) -> ConversionConfig:
+        """The config made of ``parts`` (the defaults for the parts not given), ``options`` taking precedence."""
+        values = {f.name: getattr(part, f.name) for part in parts for f in fields(part)}
+        return cls.build(**{**values, **options})
+
+    @classmethod
+    def preset(cls, name: str, **options: Any) -> ConversionConfig:
+        """A named config (:data:`PRESETS`: ``"default"``, ``"paper"``), with ``options`` changed.
+
+        Raises:
+            OptionError: for an unknown name.
+        """
+        if name not in PRESETS:
+            raise OptionError("preset", name, tuple(PRESETS))
+        return cls.build(**{**PRESETS[name], **options})
 
     @classmethod
     def build(cls, config: ConversionConfig | None = None, **options: Any) -> ConversionConfig:
@@ -116,11 +167,3 @@ class ConversionConfig:
         if not isinstance(config, cls):
             raise TypeError(f"config must be a ConversionConfig, got {type(config).__name__}.")
         return config
-
-    def table_for(self, activation: str) -> StepTable | str | None:
-        """The table to use for ``activation``, or ``None`` when ``table`` cannot serve it."""
-        if isinstance(self.table, StepTable):
-            return self.table if self.table.activation == activation else None
-        if not has_table(activation, self.bits, self.table):
-            return None
-        return self.table

@@ -3,7 +3,7 @@
 For a transformers causal LM (``*ForCausalLM``, ``GPT2LMHeadModel``, ...) whose head is a plain
 ``nn.Linear`` and whose loss is transformers' own ``ForCausalLMLoss``, :func:`apply_fused_loss`
 
-- replaces the head by a :class:`FusedLMHead` that holds the same parameters (state-dict keys and
+- replaces the head by a :class:`~lightning_approxbp.nn.lm_head.FusedLMHead` that holds the same parameters (state-dict keys and
   parameter objects unchanged, tied embeddings stay tied), and
 - adds a forward pre-hook and a forward hook to the model. In training mode, when ``labels`` is
   passed as a keyword (and neither ``shift_labels`` nor ``logits_to_keep``), the pre-hook takes
@@ -32,11 +32,6 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from lightning_approxbp.conversion.merged import (
-    AffineMergedLinear,
-    SharedInputLinear,
-    _norm_affine,
-)
 from lightning_approxbp.conversion.probe import (
     ProbeFn,
     default_tolerance,
@@ -45,52 +40,28 @@ from lightning_approxbp.conversion.probe import (
 )
 from lightning_approxbp.conversion.report import ConversionReport
 from lightning_approxbp.conversion.structure import has_no_values
+from lightning_approxbp.nn.lm_head import FusedLMHead
+from lightning_approxbp.nn.shared_input import AffineMergedLinear, SharedInputLinear
 from lightning_approxbp.ops.linear_cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLossConfig:
+    """The fused loss's option (the same name as in
+    :class:`~lightning_approxbp.conversion.config.ConversionConfig`, which documents it)."""
+
+    fused_loss: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fused_loss, bool) or self.fused_loss == "auto"):
+            raise ValueError(f"fused_loss={self.fused_loss!r} is unknown; use True, False or 'auto'.")
+
+
 # Heads computed exactly as nn.Linear (the merged one applies its norm's affine first).
 _HEAD_TYPES = (nn.Linear, SharedInputLinear, AffineMergedLinear)
 _CHECK_SHAPE = (2, 9)
-
-
-class FusedLMHead(nn.Module):
-    """An LM head that can hand its input to the fused loss instead of computing logits.
-
-    Holds the original head's ``weight`` and ``bias`` (the same parameter objects, so the state
-    dict is unchanged) and the original head itself as a plain reference. Unless
-    :attr:`capturing` is set (by the model's pre-hook), it runs the original head. A head that
-    applies a merged norm affine (:class:`~lightning_approxbp.conversion.merged.AffineMergedLinear`,
-    the default conversion of the final norm) applies it to the captured input too.
-    """
-
-    def __init__(self, head: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = head.in_features, head.out_features
-        self.weight = head.weight
-        self.bias = head.bias
-        self.__dict__["unfused"] = head
-        self.training = head.training
-        self.capturing = False
-        self.captured: Tensor | None = None
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        if not self.capturing:
-            return self.unfused(hidden)
-        self.captured = self._affine_input(hidden)
-        # An empty stand-in, so that what the model does to its logits (e.g. soft-capping) costs nothing.
-        return hidden.new_empty(*hidden.shape[:-1], 0)
-
-    def _affine_input(self, hidden: Tensor) -> Tensor:
-        source = getattr(self.unfused, "affine_source", None)
-        if source is None:
-            return hidden
-        gamma, beta, offset = _norm_affine(source)
-        if gamma is not None:
-            hidden = hidden * (gamma + offset)
-        return hidden if beta is None else hidden + beta
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fused loss"
 
 
 def _head_holder(model: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
@@ -143,7 +114,7 @@ class FusedLoss:
     def __init__(self, model: nn.Module) -> None:
         parent, self.name, self.original = _head_holder(model)  # type: ignore[misc]
         self.model, self.parent = model, parent
-        self.head = FusedLMHead(self.original)
+        self.head = FusedLMHead.from_module(self.original)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.pending: dict[str, Any] | None = None
         self.enabled = True

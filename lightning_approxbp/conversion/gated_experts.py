@@ -1,4 +1,5 @@
-"""Recognise mixture-of-experts blocks whose experts are gated MLPs, and fuse each expert's down projection.
+"""The gated experts rule: recognise mixture-of-experts blocks whose experts are gated MLPs, and
+fuse each expert's down projection.
 
 transformers (5.x) stores the experts of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek and others as one
 module with two 3-D parameters, ``gate_up_proj`` (``experts x 2·intermediate x hidden``) and
@@ -8,7 +9,7 @@ module with two 3-D parameters, ``gate_up_proj`` (``experts x 2·intermediate x 
 **probing** (its own output on random tokens and routing must equal the formula, which also tells
 whether the gate is the first or the second half of ``gate_up_proj``); no class names are listed.
 
-The replacement, :class:`FusedGatedExperts`, keeps both parameters under the same names (state
+The replacement, :class:`~lightning_approxbp.nn.gated_experts.FusedGatedExperts`, keeps both parameters under the same names (state
 dict unchanged) and runs each expert through
 :func:`~lightning_approxbp.ops.gated_mlp.gated_down_projection`: per expert, only the gate and up
 outputs are saved (not the product, nor what the activation keeps), with exact gradients.
@@ -17,56 +18,25 @@ outputs are saved (not the product, nor what the activation keeps), with exact g
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import nn
 
-from lightning_approxbp.activations import get_activation
 from lightning_approxbp.conversion.gated_mlp import (
+    FusingRule,
+    GatedMLPConfig,
     find_activation,
     reproduced,
-    take_over,
 )
-from lightning_approxbp.ops.gated_mlp import gated_down_projection
+from lightning_approxbp.conversion.rule import ConversionState
+from lightning_approxbp.conversion.walker import Site
+from lightning_approxbp.nn.gated_experts import (
+    FusedGatedExperts,
+    GatedExpertsSpec,
+    run_experts,
+)
 
 _PARAMETERS = {"gate_up_proj", "down_proj"}
-
-
-@dataclass(frozen=True)
-class GatedExpertsSpec:
-    """The activation (a registry name and the child holding it) and which half of ``gate_up_proj`` is the gate."""
-
-    activation: str
-    activation_child: str | None
-    gate_first: bool
-
-
-def _run_experts(
-    module: nn.Module, spec: GatedExpertsSpec, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, fused: bool
-) -> Tensor:
-    """Every routed expert on its tokens, weighted and summed; ``fused`` picks the saving op."""
-    experts = module.gate_up_proj.shape[0]
-    output = torch.zeros_like(hidden)
-    with torch.no_grad():
-        # experts x top-k x tokens; an index equal to ``experts`` marks an unused slot
-        routed = F.one_hot(top_k_index, num_classes=experts + 1).permute(2, 1, 0)
-        hit = routed.sum(dim=(-1, -2)).nonzero().flatten().tolist()
-    for expert in hit:
-        if expert == experts:
-            continue
-        slot, token = torch.where(routed[expert])
-        first, second = F.linear(hidden[token], module.gate_up_proj[expert]).chunk(2, dim=-1)
-        gate, up = (first, second) if spec.gate_first else (second, first)
-        if fused:
-            out = gated_down_projection(gate, up, module.down_proj[expert], activation=spec.activation)
-        else:
-            product = get_activation(spec.activation).torch_forward(gate) * up
-            out = F.linear(product, module.down_proj[expert])
-        out = out * top_k_weights[token, slot, None]
-        output.index_add_(0, token, out.to(output.dtype))
-    return output
 
 
 def detect_gated_experts(
@@ -109,30 +79,27 @@ def _reproduces(module: nn.Module, spec: GatedExpertsSpec) -> bool:
     try:
         with torch.no_grad():
             expected = module(x, index, weights)
-            ours = _run_experts(module, spec, x, index, weights, fused=False)
+            ours = run_experts(module, spec, x, index, weights, fused=False)
     except Exception:  # noqa: BLE001 - a module that cannot take this call is not this kind of experts
         return False
     return reproduced(expected, ours, weight.dtype)
 
 
-class FusedGatedExperts(nn.Module):
-    """Gated-MLP experts whose down projections save only the gate and up outputs (exact gradients).
+class GatedExpertsRule(FusingRule):
+    """Gated-MLP experts become :class:`~lightning_approxbp.nn.gated_experts.FusedGatedExperts`
+    (each expert saves its gate and up outputs only, exact gradients); ``gated_mlp`` turns it on."""
 
-    Holds the original ``gate_up_proj``/``down_proj`` parameters and children under their names.
-    """
+    name = "gated_experts"
+    config_type = GatedMLPConfig
+    converted = (FusedGatedExperts,)
 
-    spec: GatedExpertsSpec
+    def find(self, site: Site, state: ConversionState) -> bool:
+        if not self.options(state).gated_mlp:
+            return False
+        spec, why_not = state.recognise(self.name, site.module, detect_gated_experts)
+        if why_not is not None:
+            state.report.add(site.fqn, type(site.module).__name__, "skipped", reason=why_not)
+        return self.claim(site, spec, state)
 
-    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        return _run_experts(self, self.spec, hidden_states, top_k_index, top_k_weights, fused=True)
-
-    def extra_repr(self) -> str:
-        return f"approxbp: fused gated experts ({self.spec.activation}), save gate and up outputs only, exact gradients"
-
-
-def build_fused_gated_experts(original: nn.Module, spec: GatedExpertsSpec) -> FusedGatedExperts:
-    """The fused replacement of ``original``, sharing its parameters and children."""
-    new = FusedGatedExperts()
-    for name, parameter in original.named_parameters(recurse=False):  # in the original's order
-        new.register_parameter(name, parameter)
-    return take_over(new, original, spec)
+    def describe(self, spec: GatedExpertsSpec) -> tuple[str, str]:
+        return f"fused gated experts ({spec.activation})", "each expert saves its gate and up outputs only; exact gradients"

@@ -1,4 +1,4 @@
-"""Recognise gated MLPs (SwiGLU, GeGLU) and fuse their down projection.
+"""The gated MLP rule: recognise gated MLPs (SwiGLU, GeGLU) and fuse their down projection.
 
 A gated MLP computes ``down(act(gate(x)) * up(x))``. It is recognised by **structure** (three
 children with ``in_features``/``out_features``: two map the hidden size to an intermediate
@@ -13,7 +13,7 @@ up side by side (hidden to twice the intermediate size) and the forward splits i
 tensor, which the product saves anyway, so where such an MLP cannot be fused its activation is
 left exact: a step derivative on its own would save nothing there and make gradients approximate.
 
-The replacement, :class:`FusedGatedMLP`, keeps the same children under the same names (state
+The replacement, :class:`~lightning_approxbp.nn.gated_mlp.FusedGatedMLP`, keeps the same children under the same names (state
 dict unchanged) and runs :func:`~lightning_approxbp.ops.gated_mlp.gated_down_projection`: only
 ``g`` and ``u`` are saved, and the gradients are exact (not a step derivative).
 
@@ -35,10 +35,10 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import permutations
-from typing import TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,30 +49,9 @@ from lightning_approxbp.conversion.activations import (
     identify_activation,
     is_activation_candidate,
 )
-from lightning_approxbp.ops.gated_mlp import gated_down_projection
-
-M = TypeVar("M", bound=nn.Module)
-
-
-@dataclass(frozen=True)
-class GatedMLPSpec:
-    """Which children play which role, and the activation (a registry name).
-
-    Packed (``gate == up``): that one projection's output holds gate and up as its two halves,
-    the gate first when ``gate_first``.
-    """
-
-    gate: str
-    up: str
-    down: str
-    activation: str
-    activation_child: str | None
-    gate_first: bool = True
-
-    @property
-    def packed(self) -> bool:
-        return self.gate == self.up
-
+from lightning_approxbp.conversion.rule import Candidate, ConversionState, Rule
+from lightning_approxbp.conversion.walker import Site
+from lightning_approxbp.nn.gated_mlp import FusedGatedMLP, GatedMLPSpec, gate_and_up
 
 # Why the activation of a packed gated MLP that is not fused stays exact (see the module docstring).
 PACKED_LEFT_EXACT = (
@@ -99,14 +78,6 @@ def find_activation(module: nn.Module) -> tuple[str, str | None] | None:
         if (activation := identify_activation(function)) is not None:
             found.append((activation, None))
     return found[0] if len(found) == 1 else None
-
-
-def gate_and_up(spec: GatedMLPSpec, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The gate and up projections' outputs for ``x`` (the two halves of one output when packed)."""
-    if not spec.packed:
-        return getattr(module, spec.gate)(x), getattr(module, spec.up)(x)
-    first, second = getattr(module, spec.gate)(x).chunk(2, dim=-1)
-    return (first, second) if spec.gate_first else (second, first)
 
 
 def _formula(spec: GatedMLPSpec, module: nn.Module, x: Tensor) -> Tensor:
@@ -185,36 +156,85 @@ def reproduced(expected: object, ours: Tensor, dtype: torch.dtype) -> bool:
     return torch.allclose(ours, expected, rtol=tolerance, atol=tolerance)
 
 
-class FusedGatedMLP(nn.Module):
-    """A gated MLP whose down projection saves only ``g`` and ``u`` (exact gradients).
+@dataclass(frozen=True)
+class GatedMLPConfig:
+    """The gated MLP and gated experts rules' option (the same name as in
+    :class:`~lightning_approxbp.conversion.config.ConversionConfig`, which documents it)."""
 
-    Holds the original children under their original names, so the state dict is unchanged.
-    """
-
-    spec: GatedMLPSpec
-
-    def forward(self, x: Tensor) -> Tensor:
-        spec = self.spec
-        down = getattr(self, spec.down)
-        g, u = gate_and_up(spec, self, x)
-        return gated_down_projection(g, u, down.weight, down.bias, activation=spec.activation)
-
-    def extra_repr(self) -> str:
-        packed = "packed " if self.spec.packed else ""
-        return f"approxbp: fused {packed}gated MLP ({self.spec.activation}), saves gate and up outputs only, exact gradients"
+    gated_mlp: bool = True
 
 
-def build_fused_gated_mlp(original: nn.Module, spec: GatedMLPSpec) -> FusedGatedMLP:
-    """The fused replacement of ``original``, sharing its children (read now, so merged ones count)."""
-    return take_over(FusedGatedMLP(), original, spec)
+def activation_inside(module: nn.Module, spec: object) -> list[nn.Module]:
+    """The activation child a fused gated MLP (or set of experts) computes exactly, if any."""
+    child = getattr(spec, "activation_child", None)
+    return [getattr(module, child)] if child is not None else []
 
 
-def take_over(new: M, original: nn.Module, spec: object) -> M:
-    """Give ``new`` the children, public plain attributes (e.g. ``hidden_size``) and train mode of
-    ``original``, plus its ``spec``; the replacement then reads like the original."""
-    for name, child in original.named_children():
-        new.add_module(name, child)
-    new.__dict__.update({k: v for k, v in vars(original).items() if not k.startswith("_") and k != "training"})
-    new.spec = spec
-    new.train(original.training)
-    return new
+class FusingRule(Rule):
+    """A rule whose replacement (the one type in :attr:`converted`, built by its ``from_module``)
+    computes the activation inside it exactly: that activation is claimed with it, so that no
+    later rule converts it on its own."""
+
+    def claim(self, site: Site, spec: object | None, state: ConversionState) -> bool:
+        """Record ``site`` (when there is a ``spec`` and it can be replaced) and claim its activation."""
+        if spec is None or not site.holders:
+            return False
+        state.add(self, Candidate(site, spec))
+        for module in activation_inside(site.module, spec):
+            state.leave_alone(module)
+        return True
+
+    def left_alone_inside(self, module: nn.Module) -> Iterable[nn.Module]:
+        return activation_inside(module, module.spec)
+
+    def describe(self, spec: Any) -> tuple[str, str]:
+        """The report's strategy and reason for a fused ``spec``."""
+        raise NotImplementedError
+
+    def apply(self, plan: Candidate, state: ConversionState) -> None:
+        (replacement,) = self.converted
+        state.log.replace_site(plan.site, replacement.from_module(plan.site.module, plan.spec))
+        state.report.add(plan.site.fqn, type(plan.site.module).__name__, "converted", *self.describe(plan.spec))
+
+
+class GatedMLPRule(FusingRule):
+    """Gated MLPs become :class:`~lightning_approxbp.nn.gated_mlp.FusedGatedMLP` (saves gate and
+    up outputs only, exact gradients); a packed one that cannot be fused keeps its activation exact."""
+
+    name = "gated_mlp"
+    config_type = GatedMLPConfig
+    converted = (FusedGatedMLP,)
+
+    def find(self, site: Site, state: ConversionState) -> bool:
+        spec, why_not = state.recognise(self.name, site.module, detect_gated_mlp)
+        if not self.options(state).gated_mlp:
+            if spec is None or not spec.packed:
+                return False
+            why_not = "gated_mlp=False" + PACKED_LEFT_EXACT
+        if why_not is not None:
+            state.report.add(site.fqn, type(site.module).__name__, "skipped", reason=f"gated MLP not fused: {why_not}")
+            if spec is None:
+                return False
+            _leave_activation_exact(site, spec, state)  # packed: its activation stays exact too
+            return True
+        return self.claim(site, spec, state)
+
+    def describe(self, spec: GatedMLPSpec) -> tuple[str, str]:
+        if spec.packed:
+            halves = "first" if spec.gate_first else "second"
+            return f"fused packed gated MLP ({spec.activation})", (
+                f"packed: {spec.gate} makes gate ({halves} half) and up, and the forward splits its output; "
+                f"saves that output only (not the product, nor what the activation keeps); exact gradients"
+            )
+        return f"fused gated MLP ({spec.activation})", f"saves the {spec.gate} and {spec.up} outputs only; exact gradients"
+
+
+def _leave_activation_exact(site: Site, spec: GatedMLPSpec, state: ConversionState) -> None:
+    """The activation of a packed gated MLP that is not fused: a row saying why it stays exact."""
+    for child in activation_inside(site.module, spec):
+        state.leave_alone(child)
+        state.report.add(
+            f"{site.fqn}.{spec.activation_child}" if site.fqn else spec.activation_child, type(child).__name__,
+            "skipped", reason=f"left exact: inside the packed gated MLP {site.fqn or 'at the root'}, which is not "
+            "fused (its row says why a step derivative would save nothing there)",
+        )

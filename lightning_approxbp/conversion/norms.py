@@ -1,4 +1,5 @@
-"""Recognise LayerNorm / RMSNorm modules and build their memory-sharing replacements.
+"""The norm rule: recognise LayerNorm / RMSNorm modules, decide their affine strategy, swap in
+memory-sharing ones (and the consumer layers that merge or share their output).
 
 ``nn.LayerNorm`` and ``nn.RMSNorm`` are read directly. Other norms (the RMSNorm classes of
 Llama, Mistral, Qwen2, T5, Gemma's ``(1 + w)`` form, custom LayerNorms) are recognised by
@@ -10,8 +11,15 @@ input (channels first, as ConvNeXt's LayerNorm with ``data_format="channels_firs
 that matches none is left alone, and :func:`why_not_a_norm` says whether its structure or its
 numerics ruled it out.
 
-The replacements keep the original ``weight``/``bias`` Parameter objects under the same names,
-so state dicts, optimiser state and checkpoints are unchanged.
+Per norm, :func:`decide` picks the affine strategy from where the probe saw its output go (see
+``ConversionConfig.affine``); :class:`NormRule` then swaps the norm and its consumer layers
+(:mod:`~lightning_approxbp.conversion.merged`): they are one technique, since which consumers
+change is the norm's decision.
+
+The replacements (:class:`~lightning_approxbp.nn.norm.ConvertedLayerNorm`,
+:class:`~lightning_approxbp.nn.norm.ConvertedRMSNorm`) keep the original ``weight``/``bias``
+Parameter objects under the same names, so state dicts, optimiser state and checkpoints are
+unchanged.
 
 Example::
 
@@ -23,48 +31,31 @@ Example::
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.hooks import RemovableHandle
 
-from lightning_approxbp._warnings import warn_rank_zero
-from lightning_approxbp.conversion.config import DEFAULT_MIN_KEEP_WEIGHT
+from lightning_approxbp.conversion.consumers import NormUses
+from lightning_approxbp.conversion.merged import merge_into, share_input_of
+from lightning_approxbp.conversion.rule import Candidate, ConversionState, Rule
+from lightning_approxbp.conversion.walker import Site
+from lightning_approxbp.errors import OptionError
 from lightning_approxbp.functional import ms_layer_norm, ms_rms_norm
-from lightning_approxbp.nn import MSLayerNorm, MSRMSNorm
-from lightning_approxbp.ops.ms_norm import DEFAULT_WEIGHT_CLAMP, resolve_output_dtype
+from lightning_approxbp.nn.norm import (
+    DEFAULT_MIN_KEEP_WEIGHT,
+    ConvertedLayerNorm,
+    ConvertedNorm,
+    ConvertedRMSNorm,
+    NormSpec,
+    resolve_eps,
+)
+from lightning_approxbp.nn.shared_input import SHARED_INPUT_TYPES
 
-STRATEGIES: tuple[str, ...] = ("merge", "keep", "plain")
-DTYPE_POLICIES: tuple[str, ...] = ("autocast", "input")
+AFFINE_STRATEGIES: tuple[str, ...] = ("auto", "merge", "keep")
 _EPS_ATTRIBUTES: tuple[str, ...] = ("eps", "variance_epsilon")
 _CANDIDATE_FORMS: tuple[tuple[bool, float], ...] = ((False, 0.0), (False, 1.0), (True, 0.0))
-
-
-@dataclass(frozen=True)
-class NormSpec:
-    """What a norm computes: ``(x - mean if centered) * rstd * (weight + offset) + bias``.
-
-    ``eps=None`` is ``torch.nn.RMSNorm``'s default: the machine epsilon of the input's dtype.
-    ``channels_first``: the norm normalises dim 1 (``normalized_shape`` is ``(channels,)``).
-    """
-
-    normalized_shape: tuple[int, ...]
-    eps: float | None
-    centered: bool
-    offset: float
-    has_weight: bool
-    has_bias: bool
-    channels_first: bool = False
-
-    @property
-    def kind(self) -> str:
-        return "layer_norm" if self.centered else "rms_norm"
 
 
 def _spec_layer_norm(module: nn.Module) -> NormSpec | None:
@@ -76,11 +67,6 @@ def _spec_layer_norm(module: nn.Module) -> NormSpec | None:
 def _spec_rms_norm(module: nn.Module) -> NormSpec | None:
     eps = None if module.eps is None else float(module.eps)
     return NormSpec(tuple(module.normalized_shape), eps, False, 0.0, module.weight is not None, False)
-
-
-def resolve_eps(eps: float | None, x: Tensor) -> float:
-    """``eps``, or the machine epsilon of ``x``'s dtype for ``None`` (as ``torch.nn.RMSNorm``)."""
-    return torch.finfo(x.dtype).eps if eps is None else eps
 
 
 # Exact types read directly; anything else goes through the structural check.
@@ -238,157 +224,172 @@ def gamma(module: nn.Module, offset: float) -> Tensor | None:
     return None if weight is None else weight.detach() + offset
 
 
-# The converted norms that keep their affine, re-checked after every optimizer step (see
-# ConvertedNorm._keeps_unsafe_affine). Weak: a norm that is garbage collected drops out.
-_KEPT_AFFINE_NORMS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-_step_hook: RemovableHandle | None = None
-
-
-def _check_kept_affines(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for norm in list(_KEPT_AFFINE_NORMS):
-        norm._keeps_unsafe_affine()
-
-
-def _watch_kept_affine(norm: nn.Module) -> None:
-    """Re-check ``norm``'s weight after every optimizer step (one hook shared by all norms)."""
-    global _step_hook
-    _KEPT_AFFINE_NORMS.add(norm)
-    if _step_hook is None:
-        _step_hook = register_optimizer_step_post_hook(_check_kept_affines)
-
-
-class ConvertedNorm:
-    """Mixin: the strategy-dependent forward shared by both converted norm classes.
-
-    ``strategy``: ``"merge"`` (the affine is applied by the consumers: this module normalises
-    only, exact backward), ``"keep"`` (affine applied here, recovered from the output in
-    backward) or ``"plain"`` (no affine parameters). ``dtype_policy``: ``"autocast"`` emits the
-    autocast dtype under autocast (every consumer is a linear layer that would cast anyway, so
-    norm and consumer save one tensor), ``"input"`` emits the input dtype as the original norm did.
-    """
-
-    strategy: str
-    dtype_policy: str
-    min_keep_weight: float
-    # Set once a kept affine's weight was found unsafe: from then on this norm saves its input
-    # like a stock norm (exact), instead of recovering x_hat from its output.
-    exact_fallback: bool = False
-    channels_first: bool = False
-    _checked_weight: tuple[int, int] | None = None
-
-    def _keeps_unsafe_affine(self) -> bool:
-        """Whether the kept affine's ``|weight + offset|`` fell below ``min_keep_weight``.
-
-        Checked when the weight changes (its version counter moves at every optimizer step):
-        one scalar read per kept-affine norm per step; merged and plain norms never check.
-        Under ``torch.compile`` the forward reads the flag only (a scalar read there would break
-        the graph): the check runs eagerly after every optimizer step instead, through a step
-        hook, so the flag is current before the next forward reads it (a flag that turns on makes
-        the compiled forward recompile).
-        """
-        if self.strategy != "keep" or self.exact_fallback or self.weight is None:  # type: ignore[attr-defined]
-            return self.exact_fallback
-        weight: Tensor = self.weight  # type: ignore[attr-defined]
-        if torch.compiler.is_compiling() or weight.is_meta or torch._guards.detect_fake_mode() is not None:
-            return False  # no values to read now: checked at the first forward that has them
-        # Also covers copies (deepcopy, unpickling), which build_converted_norm never saw.
-        _watch_kept_affine(self)  # type: ignore[arg-type]
-        version = (weight.data_ptr(), weight._version)
-        if version != self._checked_weight:
-            self._checked_weight = version
-            smallest = (weight.detach().float() + getattr(self, "offset", 0.0)).abs().min().item()
-            if smallest < self.min_keep_weight:
-                self.exact_fallback = True
-                warn_rank_zero(
-                    f"ApproxBP: a norm that keeps its affine ({type(self).__name__}, {self.normalized_shape}) now has "  # type: ignore[attr-defined]
-                    f"min |weight| = {smallest:.1e} < min_keep_weight = {self.min_keep_weight:g}; recovering its input "
-                    "from its output would lose precision, so it now saves its input like a stock norm (exact, "
-                    "no memory saving for this norm)."
-                )
-        return self.exact_fallback
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.channels_first:
-            # The ops normalise the last axis: move the channels there and back (views, as
-            # ConvNeXt's own LayerNorm does). The op saves its channels-last output, and what this
-            # returns is a view of it, so the next layer saves the same storage.
-            return self._normalise(x.movedim(1, -1)).movedim(-1, 1)  # type: ignore[attr-defined]
-        return self._normalise(x)  # type: ignore[attr-defined]
-
-    def _output(self, y: Tensor, x: Tensor) -> Tensor:
-        return y.to(resolve_output_dtype(x, self._output_dtype(x)))
-
-    def _affine(self) -> tuple[Tensor | None, Tensor | None]:
-        if self.strategy == "merge":
-            return None, None
-        return self.weight, getattr(self, "bias", None)  # type: ignore[attr-defined]
-
-    def _output_dtype(self, x: Tensor) -> torch.dtype | None:
-        return None if self.dtype_policy == "autocast" else x.dtype
-
-    def extra_repr(self) -> str:
-        # Cooperative: the norm class after this mixin in the MRO supplies the shape and eps.
-        text = f"{super().extra_repr()}, approxbp: affine={self.strategy}, output={self.dtype_policy}"  # type: ignore[misc]
-        text += ", channels first" if self.channels_first else ""
-        return text + (", exact fallback (unsafe weight)" if self.exact_fallback else "")
-
-
-class ConvertedLayerNorm(ConvertedNorm, MSLayerNorm):
-    """The :class:`~lightning_approxbp.nn.MSLayerNorm` that a conversion puts in place of a LayerNorm."""
-
-    def _normalise(self, x: Tensor) -> Tensor:
-        if self._keeps_unsafe_affine():
-            return self._output(F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps), x)
-        weight, bias = self._affine()
-        return ms_layer_norm(
-            x, self.normalized_shape, weight, bias, self.eps,
-            output_dtype=self._output_dtype(x), weight_clamp=self.weight_clamp,
-        )
-
-
-class ConvertedRMSNorm(ConvertedNorm, MSRMSNorm):
-    """The :class:`~lightning_approxbp.nn.MSRMSNorm` that a conversion puts in place of an RMSNorm."""
-
-    def _normalise(self, x: Tensor) -> Tensor:
-        if self._keeps_unsafe_affine():
-            wide = x.float()
-            axes = tuple(range(-len(self.normalized_shape), 0))
-            y = wide * torch.rsqrt(wide.pow(2).mean(dim=axes, keepdim=True) + resolve_eps(self.eps, x))
-            return self._output(y * (self.weight.float() + self.offset), x)
-        weight, _ = self._affine()
-        return ms_rms_norm(
-            x, self.normalized_shape, weight, resolve_eps(self.eps, x),
-            offset=self.offset, output_dtype=self._output_dtype(x), weight_clamp=self.weight_clamp,
-        )
-
-
 def build_converted_norm(
     original: nn.Module, spec: NormSpec, strategy: str, dtype_policy: str, min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT
 ) -> nn.Module:
-    """A converted norm that shares ``original``'s parameters (same names, same objects).
-
-    ``min_keep_weight``: under ``"keep"``, the smallest ``|weight + offset|`` the norm accepts
-    at run time before it falls back to saving its input (exact).
-    """
-    if strategy not in STRATEGIES or dtype_policy not in DTYPE_POLICIES:
-        raise ValueError(f"Unknown strategy {strategy!r} or output dtype policy {dtype_policy!r}.")
+    """The converted norm of ``spec``'s form that shares ``original``'s parameters (see
+    :meth:`~lightning_approxbp.nn.norm.ConvertedNorm.from_module`)."""
     cls = ConvertedLayerNorm if spec.centered else ConvertedRMSNorm
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    new.normalized_shape = spec.normalized_shape
-    new.eps = spec.eps
-    new.elementwise_affine = spec.has_weight
-    new.output_dtype = None
-    new.weight_clamp = DEFAULT_WEIGHT_CLAMP
-    new.offset = spec.offset
-    new.strategy = strategy
-    new.dtype_policy = dtype_policy
-    new.min_keep_weight = min_keep_weight
-    new.channels_first = spec.channels_first
-    new.weight = original.weight if spec.has_weight else None
-    if spec.centered:
-        new.bias = original.bias if spec.has_bias else None
-    new.train(original.training)
-    if strategy == "keep" and spec.has_weight:
-        _watch_kept_affine(new)
-    return new
+    return cls.from_module(original, spec, strategy, dtype_policy, min_keep_weight)
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """The norm rule's options (the same names as in
+    :class:`~lightning_approxbp.conversion.config.ConversionConfig`, which documents them)."""
+
+    norms: bool = True
+    share_norm_output: bool = True
+    affine: str = "auto"
+    min_keep_weight: float = DEFAULT_MIN_KEEP_WEIGHT
+
+    def __post_init__(self) -> None:
+        if self.affine not in AFFINE_STRATEGIES:
+            raise OptionError("affine", self.affine, AFFINE_STRATEGIES)
+        if self.affine != "auto" and not self.norms:
+            raise ValueError(f"affine={self.affine!r} only applies to norms, but norms=False; drop affine or set norms=True.")
+        if not self.min_keep_weight > 0:
+            raise ValueError(f"min_keep_weight must be positive, got {self.min_keep_weight!r}.")
+
+
+@dataclass
+class Decision:
+    """What happens to one norm (``strategy=None``: it is skipped)."""
+
+    strategy: str | None
+    dtype_policy: str = "input"
+    # merge: the linear layers that take the affine; otherwise: those that share the output
+    consumers: list[nn.Module] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass
+class NormPlan:
+    """A norm candidate, where the probe saw its output go (``None``: not traced), and the decision."""
+
+    candidate: Candidate
+    uses: NormUses | None
+    decision: Decision
+
+
+def _features(spec: NormSpec) -> int | None:
+    """The norm's feature count when it normalises the last axis only (what a linear layer
+    reads, so its affine can move there); ``None`` for several axes or channels first."""
+    return spec.normalized_shape[0] if len(spec.normalized_shape) == 1 and not spec.channels_first else None
+
+
+def _min_abs_gamma(norm: nn.Module, offset: float) -> float | None:
+    scale = gamma(norm, offset)
+    return None if scale is None or scale.numel() == 0 or scale.is_meta else scale.abs().min().item()
+
+
+def decide(norm: nn.Module, spec: NormSpec, uses: NormUses | None, config: NormConfig) -> Decision:
+    """Choose the affine strategy and output dtype policy of one norm (see ConversionConfig.affine)."""
+    traced = uses is not None and uses.called
+    linear_only = traced and uses.all_linear
+    dtype_policy = "autocast" if linear_only else "input"
+    sharing = uses.consumers if traced and config.share_norm_output else []
+    if not (spec.has_weight or spec.has_bias):
+        return Decision("plain", dtype_policy, sharing, reason="no affine parameters: exact")
+    blockers = "" if not traced else ", ".join(uses.blockers()[:4])
+    if traced and uses.all_mergeable and _features(spec) is not None:
+        merge_reason = f"affine applied in {len(uses.consumers)} consumer(s): exact"
+        merge = Decision("merge", "autocast", uses.consumers, merge_reason)
+    elif not traced:
+        merge = Decision(None, reason="uses not traced (no probe batch)" if uses is None else "not called by the probe")
+    else:
+        merge = Decision(None, reason=f"output also used by {blockers}")
+    if config.affine == "merge" or (config.affine == "auto" and merge.strategy):
+        return merge
+    smallest = _min_abs_gamma(norm, spec.offset)
+    if smallest is not None and smallest < config.min_keep_weight:
+        reason = f"min |weight| = {smallest:.1e} < min_keep_weight = {config.min_keep_weight:g}: output recovery unsafe"
+        return Decision(None, reason=reason if config.affine == "keep" else f"{merge.reason}; {reason}")
+    keep_reason = "affine kept (forced)" if config.affine == "keep" else f"{merge.reason}; affine kept"
+    if smallest is not None:
+        keep_reason += f", min |weight| = {smallest:.2g}"
+    elif spec.has_weight and norm.weight.is_meta:
+        keep_reason += ", min |weight| checked at the first forward with real weights"
+    if dtype_policy == "input":
+        keep_reason += "; emits its input dtype under autocast (output feeds more than linear layers)"
+    return Decision("keep", dtype_policy, sharing, reason=keep_reason)
+
+
+class NormRule(Rule):
+    """LayerNorm/RMSNorm forms become memory-sharing norms; their consumer layers merge the
+    affine or share the output (:class:`~lightning_approxbp.nn.shared_input.SharedInputLinear`, ...)."""
+
+    name = "norm"
+    config_type = NormConfig
+    converted = (ConvertedNorm, *SHARED_INPUT_TYPES)
+
+    def find(self, site: Site, state: ConversionState) -> bool:
+        if not self.options(state).norms:
+            return False
+        module = site.module
+        spec = state.recognise(self.name, module, detect_norm)
+        if spec is not None:
+            if not site.holders:
+                state.report.add(site.fqn, type(module).__name__, "skipped", reason="the root cannot be replaced in place")
+            else:
+                state.add(self, Candidate(site, spec))
+            return True
+        reason = why_not_a_norm(module)
+        if reason is not None:
+            state.report.add(site.fqn, type(module).__name__, "skipped", reason=reason)
+        return reason is not None
+
+    def traced_norms(self, candidates: list[Candidate]) -> dict[nn.Module, int | None]:
+        return {c.site.module: _features(c.spec) for c in candidates}
+
+    def decide(self, candidate: Candidate, state: ConversionState) -> NormPlan:
+        uses = state.reference.norm_uses[candidate.site.module] if state.reference is not None else None
+        return NormPlan(candidate, uses, decide(candidate.site.module, candidate.spec, uses, self.options(state)))
+
+    def apply(self, plan: NormPlan, state: ConversionState) -> None:
+        site, spec, decision = plan.candidate.site, plan.candidate.spec, plan.decision
+        config: NormConfig = self.options(state)
+        kind = type(site.module).__name__
+        if decision.strategy is None:
+            state.report.add(site.fqn, kind, "skipped", reason=decision.reason)
+            _report_readers(plan, config, state)
+            return
+        new = build_converted_norm(site.module, spec, decision.strategy, decision.dtype_policy, config.min_keep_weight)
+        state.log.replace_site(site, new)
+        layout = " channels-first" if spec.channels_first else ""
+        strategy = f"{spec.kind}{layout} {decision.strategy}, output={decision.dtype_policy}"
+        state.report.add(site.fqn, kind, "converted", strategy, decision.reason)
+        for consumer in decision.consumers:
+            consumer_site = state.site_of[id(consumer)]
+            if decision.strategy == "merge":
+                replacement, strategy = merge_into(consumer, new), f"applies affine of {site.fqn}"
+            else:
+                replacement, strategy = share_input_of(consumer), f"saves the output of {site.fqn}, no copy"
+            state.log.replace_site(consumer_site, replacement)
+            state.report.add(consumer_site.fqn, type(consumer).__name__, "converted", strategy)
+        _report_readers(plan, config, state)
+
+
+def _report_readers(plan: NormPlan, config: NormConfig, state: ConversionState) -> None:
+    """A row for every layer that reads the norm's output but was left as it was, saying why."""
+    uses, norm_fqn, decision = plan.uses, plan.candidate.site.fqn, plan.decision
+    if uses is None:
+        return
+    changed = {state.site_of[id(consumer)].fqn for consumer in decision.consumers}
+    if decision.strategy is None:
+        why = f"reads the output of {norm_fqn}, which was skipped: keeps its own input copy"
+    elif not config.share_norm_output and decision.strategy != "merge":
+        why = f"reads the output of {norm_fqn}; share_norm_output=False: keeps its own input copy"
+    else:
+        why = f"reads the output of {norm_fqn} together with other inputs: keeps its own input copy"
+    readers = [(fqn, why) for fqn in uses.layer_readers if fqn not in changed]
+    readers += [
+        (fqn, (f"reads the output of {norm_fqn} through {dropout} (a new tensor while training), which no "
+               "other layer saves: keeps its own input copy"))
+        for fqn, dropout in dict.fromkeys(uses.through_dropout)
+    ]
+    listed = {row.fqn for row in state.report.rows}
+    for fqn, why in readers:
+        if fqn and fqn not in listed:
+            listed.add(fqn)
+            state.report.add(fqn, type(state.root.get_submodule(fqn)).__name__, "skipped", reason=why)

@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from lightning_approxbp.conversion import ConversionConfig, ConversionReport, convert
-from lightning_approxbp.conversion.norms import ConvertedNorm
+from lightning_approxbp.nn.norm import ConvertedNorm
 
 PROBE_SAMPLES = 2  # samples of the example input the conversion probe runs on
 

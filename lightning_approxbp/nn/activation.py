@@ -30,6 +30,15 @@ class StepActivation(nn.Module):
         super().__init__()
         self.table = resolve_table(activation, bits, table)
 
+    @classmethod
+    def from_module(
+        cls, original: nn.Module, activation: str, bits: int = 2, table: StepTable | str = "fitted"
+    ) -> StepActivation:
+        """The replacement of ``original`` (an activation computing ``activation``), in its train mode."""
+        new = cls(activation, bits=bits, table=table)
+        new.train(original.training)
+        return new
+
     def forward(self, x: Tensor) -> Tensor:
         return step_activation(x, self.table)
 

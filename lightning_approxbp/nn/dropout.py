@@ -30,6 +30,13 @@ class RegeneratedDropout(nn.Dropout):
         super().__init__(p)
         self.mask_storage = check_mask_storage(mask_storage)  # a wrong name fails here, not mid-fit
 
+    @classmethod
+    def from_module(cls, dropout: nn.Dropout) -> RegeneratedDropout:
+        """The replacement of ``dropout``: the same ``p``, in its train mode."""
+        new = cls(dropout.p)
+        new.train(dropout.training)
+        return new
+
     def forward(self, x: Tensor) -> Tensor:
         return regenerated_dropout(x, self.p, self.training, self.mask_storage)
 

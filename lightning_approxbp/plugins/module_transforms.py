@@ -13,15 +13,15 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
-from lightning_approxbp.conversion.merged import MERGED_TYPES
 from lightning_approxbp.nn import MSLayerNorm, MSRMSNorm
+from lightning_approxbp.nn.shared_input import SHARED_INPUT_TYPES
 from lightning_approxbp.ops._utils import autocast_dtype
 from lightning_approxbp.ops.affine_linear import affine_linear
 
 # Modules whose forward rounds the weight to the autocast dtype at every call: one autocast-listed
 # op (linear, addmm, convNd), or the ApproxBP merged linears (which cast to the autocast dtype
 # themselves). Exact types only: a subclass may use its weight differently.
-_AUTOCAST_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *MERGED_TYPES)
+_AUTOCAST_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *SHARED_INPUT_TYPES)
 _AUTOCAST_MODULE_NAMES = frozenset({"transformers.pytorch_utils.Conv1D"})
 
 def store_frozen_weights(module: nn.Module, dtype: torch.dtype) -> dict[nn.Parameter, torch.dtype]:
