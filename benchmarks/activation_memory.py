@@ -33,8 +33,9 @@ Two views of attention, because the machine decides what attention saves:
 How the bytes are counted (device independent, exact, CPU):
 
 - ``torch.autograd.graph.saved_tensors_hooks`` sees every tensor saved for backward while the
-  block runs; each storage is counted once (``untyped_storage().data_ptr()``), parameter
-  storages are excluded (autograd references them, it does not copy them).
+  block runs; each storage is counted once (by ``lightning_approxbp.saved_tensors.storage_id``,
+  as ``SavedTensorCounter`` counts), parameter storages are excluded (autograd references them,
+  it does not copy them).
 - Autocast weight copies are reported apart: a saved non-parameter storage of exactly the size
   of one of the block's parameters, whose shape is that parameter's shape or its transpose and
   whose dtype differs from it (the bf16 copy that autocast makes of an fp32 weight for a matmul).
@@ -88,6 +89,7 @@ from _harness.variants import CONVERSIONS, enable_checkpointing
 from torch import Tensor, nn
 
 from lightning_approxbp import convert
+from lightning_approxbp.saved_tensors import storage_id
 
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "bf16-true")
 VARIANTS: tuple[str, ...] = ("baseline", "activations", "norms", "paper", "both", "keep", "checkpoint", "liger")
@@ -218,7 +220,7 @@ class BlockSaveRecorder:
     def __init__(self, block: nn.Module, checkpointed: bool) -> None:
         self.block = block
         self.checkpointed = checkpointed
-        self.parameters = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        self.parameters = {storage_id(p) for p in block.parameters()}
         self.weight_shapes: dict[int, set[tuple[tuple[int, ...], torch.dtype]]] = {}
         for p in block.parameters():
             shapes = {(tuple(p.shape), p.dtype), (tuple(reversed(p.shape)), p.dtype)}
@@ -234,7 +236,7 @@ class BlockSaveRecorder:
         return any(tuple(tensor.shape) == shape and tensor.dtype != dtype for shape, dtype in candidates)
 
     def _add(self, tensor: Tensor, bucket: str) -> None:
-        key = tensor.untyped_storage().data_ptr()
+        key = storage_id(tensor)
         if key in self.seen or key in self.parameters:
             return
         self.seen.add(key)
@@ -249,7 +251,7 @@ class BlockSaveRecorder:
         else:
             # Saved outside the block (by the block before it, e.g. its norm's output): the
             # block referencing it again costs nothing.
-            self.seen.add(tensor.untyped_storage().data_ptr())
+            self.seen.add(storage_id(tensor))
         # detached: an output kept as itself would form a cycle with its grad_fn that gc cannot
         # see, and the never-run graph (with the model copy's weights) would stay alive
         return tensor.detach()

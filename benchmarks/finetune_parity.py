@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from _common import RESULTS_DIR, machine_name, write_results
+from _harness.render import table
 from _harness.targets import TargetRow
 from lightning.pytorch import Trainer, seed_everything
 
@@ -94,13 +95,11 @@ def render_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], machine
         + (" (toy run: not a result)." if quick else "."),
         f"Hyper-parameters (both methods): {', '.join(f'{k}={v}' for k, v in HPARAMS.items())}; fp32, CPU.",
         "",
-        "| method | runs | val accuracy mean (%) | spread max-min (points) | seeds: accuracy |",
-        "|---|---|---|---|---|",
+        *table(["method", "runs", "val accuracy mean (%)", "spread max-min (points)", "seeds: accuracy"],
+               [[method, summary[method]["runs"], f"{summary[method]['mean']:.2f}", f"{summary[method]['spread']:.2f}",
+                 ", ".join(f"{r['seed']}: {r['val_acc']:.2f}" for r in rows if r["method"] == method)]
+                for method in METHODS]),
     ]
-    for method in METHODS:
-        s = summary[method]
-        per_seed = ", ".join(f"{r['seed']}: {r['val_acc']:.2f}" for r in rows if r["method"] == method)
-        lines.append(f"| {method} | {s['runs']} | {s['mean']:.2f} | {s['spread']:.2f} | {per_seed} |")
     error = summary["difference_standard_error"]
     lines += [
         "",

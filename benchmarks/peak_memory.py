@@ -43,6 +43,7 @@ import _gpu_attention
 import torch
 from _common import RESULTS_DIR, machine_name
 from _harness.models import LLAMA_7B, TOY_ENCODER, TOY_LLAMA
+from _harness.render import table
 from _harness.variants import PAPER_OPTIONS
 from torch import nn
 
@@ -127,18 +128,18 @@ def render(payload: dict[str, Any]) -> str:
         *([(f"This run measured {', '.join(payload['measured'])}; the other models' rows are kept from an earlier "
             "run (the figures are simulated, so they do not depend on the machine or its load)."), ""]
           if set(payload.get("measured", MODELS)) != set(MODELS) else []),
-        "| model | attention | variant | peak | vs baseline | activations | temporaries | peak in | blocks | check |",
-        "|---|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
     base = {(r["model"], r["attention"]): r["peak_bytes"] for r in payload["results"] if r["variant"] == "baseline"}
+    cells = []
     for r in payload["results"]:
         ratio = r["peak_bytes"] / base[(r["model"], r["attention"])]
         check = "" if "fits" not in r else ("ok" if r["fits"] and r["fewest"] else "FAILED")
-        lines.append(
-            f"| {r['model']} | {r['attention']} | {r['variant']} | {format_bytes(r['peak_bytes'])} | {ratio:.2f}x | "
-            f"{format_bytes(r['parts']['activations'])} | {format_bytes(r['parts']['temporaries'])} | {r['phase']} | "
-            f"{r['checkpointed_blocks']} | {check} |"
-        )
+        cells.append([r["model"], r["attention"], r["variant"], format_bytes(r["peak_bytes"]), f"{ratio:.2f}x",
+                      format_bytes(r["parts"]["activations"]), format_bytes(r["parts"]["temporaries"]), r["phase"],
+                      r["checkpointed_blocks"], check])
+    lines += table(["model", "attention", "variant", "peak", "vs baseline", "activations", "temporaries", "peak in",
+                    "blocks", "check"], cells,
+                   right_aligned={"peak", "vs baseline", "activations", "temporaries", "blocks"})
     lines += ["", "Targets (default / baseline peak): " + ", ".join(
         f"{m} {v} <= {limit}: {payload['targets'][f'{m} {v}']:.2f}x" for (m, v), limit in TARGETS.items()
         if f"{m} {v}" in payload["targets"])]

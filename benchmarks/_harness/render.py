@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    """A Markdown table: the header, its rule, one line per row (cells as ``str`` gives them)."""
-    return [row_line(header), "|" + "---|" * len(header), *(row_line(row) for row in rows)]
+def table(header: Sequence[str], rows: Iterable[Sequence[object]], right_aligned: Collection[str] = ()) -> list[str]:
+    """A Markdown table: the header, its rule, one line per row (cells as ``str`` gives them).
+
+    The columns named in ``right_aligned`` are right-aligned (numbers to compare down a column).
+    """
+    rule = "|" + "".join("---:|" if name in right_aligned else "---|" for name in header)
+    return [row_line(header), rule, *(row_line(row) for row in rows)]
 
 
 def row_line(cells: Sequence[object]) -> str:
-    """One table line; an empty cell is one space wide (``| |``), as the README has always shown it."""
-    return "|" + "|".join(f" {cell} " if str(cell) else " " for cell in cells) + "|"
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def section(title: str, *paragraphs: str) -> list[str]:
