@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from _common import RESULTS_DIR, machine_name, write_results
 from _harness.models import LLAMA_7B, TOY_LLAMA
-from _harness.render import table
+from _harness.render import document, table
 from _harness.targets import TargetRow
 from _harness.variants import CONVERSIONS, enable_checkpointing
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -268,18 +268,19 @@ def render_markdown(rows: list[dict[str, Any]], goal: dict[str, Any] | None, mac
         f"Precision {PRECISION}; peak = torch.cuda.max_memory_allocated over the timed steps; throughput from the "
         f"median step time. Liger-Kernel: {'installed' if LIGER_AVAILABLE else 'not installed (variant not run)'}.",
         "",
-        "| workload | variant | peak memory (GiB) | vs baseline | samples/s | throughput vs baseline | note |",
-        "|---|---|---|---|---|---|---|",
     ]
+    cells = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['workload']} | {r['variant']} | - | - | - | - | {r['error']} |")
+            cells.append([r["workload"], r["variant"], "-", "-", "-", "-", r["error"]])
             continue
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] is not None else "n/a"
         reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
         ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
         note = f"{r['converted_modules']} modules converted" if "converted_modules" in r else ""
-        lines.append(f"| {r['workload']} | {r['variant']} | {peak} | {reduction} | {r['samples_per_s']:.1f} | {ratio} | {note} |")
+        cells.append([r["workload"], r["variant"], peak, reduction, f"{r['samples_per_s']:.1f}", ratio, note])
+    lines += table(["workload", "variant", "peak memory (GiB)", "vs baseline", "samples/s", "throughput vs baseline",
+                    "note"], cells)
     if goal is not None:
         lines += [
             "",
@@ -287,7 +288,7 @@ def render_markdown(rows: list[dict[str, Any]], goal: dict[str, Any] | None, mac
             f"throughput. Measured: {goal['memory_reduction']:.1%} lower at {goal['throughput_ratio']:.3f}x: "
             f"**{'met' if goal['met'] else 'not met'}**.",
         ]
-    return "\n".join(lines) + "\n"
+    return document(lines)
 
 
 GOAL = (f"ViT-B/16 full fine-tuning on GPU: >= {TARGET_MEMORY_REDUCTION:.0%} lower peak memory at >= "
