@@ -11,10 +11,10 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]], right_aligned
     The columns named in ``right_aligned`` are right-aligned (numbers to compare down a column).
     """
     rule = "|" + "".join("---:|" if name in right_aligned else "---|" for name in header)
-    return [row_line(header), rule, *(row_line(row) for row in rows)]
+    return [_row_line(header), rule, *(_row_line(row) for row in rows)]
 
 
-def row_line(cells: Sequence[object]) -> str:
+def _row_line(cells: Sequence[object]) -> str:
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
