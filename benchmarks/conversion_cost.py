@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from _common import RESULTS_DIR, machine_name, run_child, write_results
+from _harness.render import section, table
 
 PHASES: tuple[str, ...] = ("collect", "reference probe", "apply", "converted probe", "verify", "block checks")
 TIMEOUT_S = 1800.0
@@ -251,40 +252,32 @@ def markdown(machine: str, rows: list[dict[str, Any]], load: str) -> str:
         "with " + ", ".join(f"hidden {h}, intermediate {i}, {n} heads" for h, i, n in sorted(widths))
         + "; probe with labels (as the `ApproxBP` callback runs it); each case in a fresh process.",
         "",
-        "## Time per phase of `convert` (seconds)",
-        "",
-        "| case | parameters | probe | " + " | ".join(PHASES) + " | other | total | fused MLPs | converted norms |",
-        "|---|---|---|" + "---|" * (len(PHASES) + 4),
     ]
     done = [r for r in rows if "error" not in r]
+    times, memory = [], []
     for row in done:
         probe = f"{row['samples']} x {row['tokens']}" if row["probe"] else "none"
         other = row["convert_s"] - sum(p["seconds"] for p in row["phases"].values())
-        cells = " | ".join(_seconds(row, p) for p in PHASES)
-        lines.append(f"| {row['name']} | {row['parameters'] / 1e6:,.1f} M | {probe} | {cells} | {other:.2f} | "
-                     f"{row['convert_s']:.2f} | {row['fused_gated_mlps']} | {row['converted_norms']} |")
-    lines += [
-        "",
-        "## Host memory (MiB)",
-        "",
-        ("RSS before = the process with the model built, before `convert`; per phase: its peak RSS above that "
-        "(glibc keeps freed blocks, so a phase's peak includes what earlier phases freed but the allocator kept); "
-        "after `malloc_trim`: the RSS once the allocator returned freed memory, i.e. what is still in use."),
-        "",
-        "| case | model | RSS before | " + " | ".join(PHASES)
-        + " | peak of convert | after convert | after `malloc_trim` | process peak |",
-        "|---|---|---|" + "---|" * (len(PHASES) + 4),
-    ]
-    for row in done:
+        times.append([row["name"], f"{row['parameters'] / 1e6:,.1f} M", probe, *(_seconds(row, p) for p in PHASES),
+                      f"{other:.2f}", f"{row['convert_s']:.2f}", row["fused_gated_mlps"], row["converted_norms"]])
         base = row["rss_before_bytes"]
-        cells = " | ".join(
-            "-" if p not in row["phases"] else f"+{(row['phases'][p]['peak_rss_bytes'] - base) / MiB:,.0f}" for p in PHASES
-        )
-        lines.append(
-            f"| {row['name']} | {row['model_bytes'] / MiB:,.0f} | {base / MiB:,.0f} | {cells} | "
-            f"+{(row['peak_rss_bytes'] - base) / MiB:,.0f} | {(row['rss_after_bytes'] - base) / MiB:+,.0f} | "
-            f"{(row['rss_after_trim_bytes'] - base) / MiB:+,.0f} | {row['process_max_rss_bytes'] / MiB:,.0f} |"
-        )
+        memory.append([
+            row["name"], f"{row['model_bytes'] / MiB:,.0f}", f"{base / MiB:,.0f}",
+            *("-" if p not in row["phases"] else f"+{(row['phases'][p]['peak_rss_bytes'] - base) / MiB:,.0f}" for p in PHASES),
+            f"+{(row['peak_rss_bytes'] - base) / MiB:,.0f}", f"{(row['rss_after_bytes'] - base) / MiB:+,.0f}",
+            f"{(row['rss_after_trim_bytes'] - base) / MiB:+,.0f}", f"{row['process_max_rss_bytes'] / MiB:,.0f}",
+        ])
+    lines += [
+        *section("Time per phase of `convert` (seconds)"),
+        *table(["case", "parameters", "probe", *PHASES, "other", "total", "fused MLPs", "converted norms"], times),
+        "",
+        *section("Host memory (MiB)",
+                 "RSS before = the process with the model built, before `convert`; per phase: its peak RSS above that "
+                 "(glibc keeps freed blocks, so a phase's peak includes what earlier phases freed but the allocator "
+                 "kept); after `malloc_trim`: the RSS once the allocator returned freed memory, i.e. what is still in use."),
+        *table(["case", "model", "RSS before", *PHASES, "peak of convert", "after convert", "after `malloc_trim`",
+                "process peak"], memory),
+    ]
     curve = sorted((r for r in done if r["name"].startswith("llama7b-bf16-")), key=lambda r: r["layers"])
     if len(curve) > 1:
         lines += [

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _harness.render import table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -59,9 +60,7 @@ def main() -> int:
         "",
         f"torch {torch.__version__}, CUDA {torch.version.cuda}. Produced by `python benchmarks/gpu_all.py`.",
         "",
-        "| step | exit status | seconds |",
-        "|---|---|---|",
-        *(f"| {title} | {code} | {seconds:.0f} |" for title, code, seconds, _ in steps),
+        *table(["step", "exit status", "seconds"], [[title, code, f"{seconds:.0f}"] for title, code, seconds, _ in steps]),
         "",
     ]
     for title, _, _, output in (tests, gpu_marked):

@@ -47,7 +47,10 @@ from typing import Any
 
 import torch
 from _common import RESULTS_DIR, machine_name, write_results
-from activation_memory import enable_checkpointing
+from _harness.models import LLAMA_7B, TOY_LLAMA
+from _harness.render import document, table
+from _harness.targets import TargetRow
+from _harness.variants import CONVERSIONS, enable_checkpointing
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -161,12 +164,10 @@ def llama_lora_workload(smoke: bool) -> Workload:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if smoke:
-        width = {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 4,
-                 "num_hidden_layers": 1, "vocab_size": 1000}
+        width = {**TOY_LLAMA, "num_hidden_layers": 1, "vocab_size": 1000}
         batch, seq = 2, 32
     else:
-        width = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
-                 "num_hidden_layers": 8, "vocab_size": 32000}
+        width = {**LLAMA_7B, "num_hidden_layers": 8, "vocab_size": 32000}
         batch, seq = 4, 1024
     config = LlamaConfig(**width)
     config._attn_implementation = "sdpa"
@@ -198,7 +199,7 @@ def configure(module: LightningModule, variant: str) -> tuple[list[Callback], An
     if variant == "approxbp":
         return [ApproxBP()], PRECISION
     if variant == "approxbp-keep":
-        return [ApproxBP(affine="keep")], PRECISION
+        return [ApproxBP(**CONVERSIONS["keep"])], PRECISION
     return [], PRECISION
 
 
@@ -267,18 +268,19 @@ def render_markdown(rows: list[dict[str, Any]], goal: dict[str, Any] | None, mac
         f"Precision {PRECISION}; peak = torch.cuda.max_memory_allocated over the timed steps; throughput from the "
         f"median step time. Liger-Kernel: {'installed' if LIGER_AVAILABLE else 'not installed (variant not run)'}.",
         "",
-        "| workload | variant | peak memory (GiB) | vs baseline | samples/s | throughput vs baseline | note |",
-        "|---|---|---|---|---|---|---|",
     ]
+    cells = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['workload']} | {r['variant']} | - | - | - | - | {r['error']} |")
+            cells.append([r["workload"], r["variant"], "-", "-", "-", "-", r["error"]])
             continue
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] is not None else "n/a"
         reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
         ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
         note = f"{r['converted_modules']} modules converted" if "converted_modules" in r else ""
-        lines.append(f"| {r['workload']} | {r['variant']} | {peak} | {reduction} | {r['samples_per_s']:.1f} | {ratio} | {note} |")
+        cells.append([r["workload"], r["variant"], peak, reduction, f"{r['samples_per_s']:.1f}", ratio, note])
+    lines += table(["workload", "variant", "peak memory (GiB)", "vs baseline", "samples/s", "throughput vs baseline",
+                    "note"], cells)
     if goal is not None:
         lines += [
             "",
@@ -286,7 +288,41 @@ def render_markdown(rows: list[dict[str, Any]], goal: dict[str, Any] | None, mac
             f"throughput. Measured: {goal['memory_reduction']:.1%} lower at {goal['throughput_ratio']:.3f}x: "
             f"**{'met' if goal['met'] else 'not met'}**.",
         ]
-    return "\n".join(lines) + "\n"
+    return document(lines)
+
+
+GOAL = (f"ViT-B/16 full fine-tuning on GPU: >= {TARGET_MEMORY_REDUCTION:.0%} lower peak memory at >= "
+        f"{TARGET_THROUGHPUT}x throughput")
+
+
+def readme_targets(payload: dict[str, Any] | None) -> list[TargetRow]:
+    goal = (payload or {}).get("target")
+    if goal:
+        return [TargetRow(GOAL, f"{goal['memory_reduction']:.1%} lower, {goal['throughput_ratio']:.3f}x", payload["machine"],
+                          goal["met"])]
+    return [TargetRow(GOAL, "-", "no GPU run committed yet")]
+
+
+def readme_section(payload: dict[str, Any] | None) -> list[str]:
+    if payload is None:
+        return ["### GPU training", "", "Not measured yet: `python benchmarks/gpu_training.py` needs a CUDA device.", ""]
+    rows = []
+    for r in payload["results"]:
+        if "error" in r:
+            rows.append([r["workload"], r["variant"], r["error"], "", "", ""])
+            continue
+        reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
+        ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
+        rows.append([r["workload"], r["variant"], f"{r['peak_bytes'] / 2**30:.2f}", reduction, f"{r['samples_per_s']:.1f}",
+                     ratio])
+    lines = [
+        f"### GPU training ({payload['machine']}, {payload['precision']})",
+        "",
+        *table(["workload", "variant", "peak GiB", "vs baseline", "samples/s", "vs baseline"], rows),
+    ]
+    if not payload.get("liger_installed"):
+        lines += ["", "Liger-Kernel was not installed on that machine, so its variant did not run."]
+    return [*lines, ""]
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _common import RESULTS_DIR, machine_name, write_results
+from _harness.render import document, table
 
 from lightning_approxbp.functional import linear_cross_entropy
 from lightning_approxbp.ops import linear_cross_entropy as lce
@@ -156,14 +157,15 @@ def memory_ratios(memory: list[dict], head: str) -> dict[str, float]:
 
 
 def _memory_table(memory: list[dict], factor: int, timing: dict[str, dict] | None) -> list[str]:
-    lines = ["| head | path | peak RSS growth (MiB) | minus the gradients (MiB) | saved for backward (MiB) | median step (s) |",
-             "|---|---|---:|---:|---:|---:|"]
+    cells = []
     for row in memory:
         seconds = f"{timing[row['head']][row['path'] + '_s']:.2f}" if timing else "-"
         peak, grads = row["peak_rss_delta_bytes"] * factor, row["gradient_bytes"] * factor
-        lines.append(f"| {row['head']} | {row['path']} | {peak / 2**20:,.0f} | {(peak - grads) / 2**20:,.0f} | "
-                     f"{row['saved_bytes'] * factor / 2**20:,.1f} | {seconds} |")
-    return lines
+        cells.append([row["head"], row["path"], f"{peak / 2**20:,.0f}", f"{(peak - grads) / 2**20:,.0f}",
+                      f"{row['saved_bytes'] * factor / 2**20:,.1f}", seconds])
+    header = ["head", "path", "peak RSS growth (MiB)", "minus the gradients (MiB)", "saved for backward (MiB)",
+              "median step (s)"]
+    return table(header, cells, right_aligned=header[2:])
 
 
 def render(payload: dict) -> str:
@@ -180,12 +182,8 @@ def render(payload: dict) -> str:
         "",
         *_memory_table(payload["memory"], 1, {row["head"]: row for row in payload["time"]}),
         "",
-        "| head | peak ratio (target <= 1/8) | minus the gradients | saved ratio | time ratio (target <= 1.2) |",
-        "|---|---:|---:|---:|---:|",
+        *_ratio_table(payload["results"], timed=True),
     ]
-    for row in payload["results"]:
-        lines.append(f"| {row['head']} | {row['peak_ratio']:.3f} | {row['working_ratio']:.3f} | "
-                     f"{row['saved_ratio']:.4f} | {row['time_ratio']:.3f} |")
     scaled = payload.get("scaled")
     if scaled:
         factor = scaled["scale"] ** 2
@@ -201,12 +199,18 @@ def render(payload: dict) -> str:
             "",
             *_memory_table(scaled["memory"], factor, None),
             "",
-            "| head | peak ratio (target <= 1/8) | minus the gradients | saved ratio |",
-            "|---|---:|---:|---:|",
-            *[f"| {row['head']} | {row['peak_ratio']:.3f} | {row['working_ratio']:.3f} | {row['saved_ratio']:.4f} |"
-              for row in scaled["results"]],
+            *_ratio_table(scaled["results"], timed=False),
         ]
-    return "\n".join(lines) + "\n"
+    return document(lines)
+
+
+def _ratio_table(results: list[dict], timed: bool) -> list[str]:
+    """Fused over unfused per head; the time ratio only for a timed run (the scaled runs are not)."""
+    header = ["head", "peak ratio (target <= 1/8)", "minus the gradients", "saved ratio"]
+    header += ["time ratio (target <= 1.2)"] if timed else []
+    cells = [[row["head"], f"{row['peak_ratio']:.3f}", f"{row['working_ratio']:.3f}", f"{row['saved_ratio']:.4f}",
+              *([f"{row['time_ratio']:.3f}"] if timed else [])] for row in results]
+    return table(header, cells, right_aligned=header[1:])
 
 
 def _commit() -> str:

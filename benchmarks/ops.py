@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from _common import machine_name, median_time_ms, write_results
+from _harness.render import document, table
 
 from lightning_approxbp import functional as AF
 from lightning_approxbp.saved_tensors import SavedTensorCounter
@@ -149,16 +150,14 @@ def to_markdown(results: list[OpResult], machine: str, quick: bool) -> str:
         "Speed-ups are baseline time / our time in the same run (above 1 is faster).",
         "Bandwidth is our op's minimal bytes moved per second as a fraction of a device copy.",
         "",
-        "| op | vs | shape | dtype | fwd speed-up | bwd speed-up | fwd BW | bwd BW | saved B/elem | baseline saved B/elem |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table(["op", "vs", "shape", "dtype", "fwd speed-up", "bwd speed-up", "fwd BW", "bwd BW", "saved B/elem",
+                "baseline saved B/elem"],
+               [[r.op, r.baseline, "x".join(map(str, r.shape)), r.dtype, f"{r.forward_speedup:.2f}x",
+                 f"{r.backward_speedup:.2f}x", _fraction(r.forward_bandwidth_fraction),
+                 _fraction(r.backward_bandwidth_fraction), f"{r.saved_bytes_per_element:.3f}",
+                 f"{r.baseline_saved_bytes_per_element:.3f}"] for r in results]),
     ]
-    for r in results:
-        lines.append(
-            f"| {r.op} | {r.baseline} | {'x'.join(map(str, r.shape))} | {r.dtype} | {r.forward_speedup:.2f}x "
-            f"| {r.backward_speedup:.2f}x | {_fraction(r.forward_bandwidth_fraction)} | {_fraction(r.backward_bandwidth_fraction)} "
-            f"| {r.saved_bytes_per_element:.3f} | {r.baseline_saved_bytes_per_element:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return document(lines)
 
 
 def main() -> None:

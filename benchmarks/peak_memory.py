@@ -42,6 +42,9 @@ from typing import Any
 import _gpu_attention
 import torch
 from _common import RESULTS_DIR, machine_name
+from _harness.models import LLAMA_7B, TOY_ENCODER, TOY_LLAMA
+from _harness.render import table
+from _harness.variants import PAPER_OPTIONS
 from torch import nn
 
 from lightning_approxbp import ConversionConfig
@@ -49,7 +52,7 @@ from lightning_approxbp.memory import StepSimulation, blocks_of, format_bytes
 from lightning_approxbp.memory.planner import plan_for
 
 VIEWS = {"eager": "eager", "flash": _gpu_attention.NAME}
-PAPER = ConversionConfig(table="paper", gated_mlp=False, dropout=False, share_norm_output=False)
+PAPER = ConversionConfig(table="paper", **PAPER_OPTIONS)
 MODELS = ("ViT-B/16", "LLaMA-7B-shaped LoRA", "BERT-base")
 CAUSAL_LMS = ("LLaMA-7B-shaped LoRA",)
 BUDGET_POINTS = (0.25, 0.5, 0.75)  # of the way from the default's peak to its smallest reachable
@@ -60,7 +63,7 @@ def build(name: str, view: str, quick: bool) -> tuple[nn.Module, dict[str, torch
     import transformers as tf
 
     torch.manual_seed(0)
-    small = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 3} if quick else {}
+    small = {**TOY_ENCODER, "num_hidden_layers": 3} if quick else {}
     attention = {"attn_implementation": VIEWS[view]}
     if name == "ViT-B/16":
         size, batch = (32, 16) if quick else (224, 64)
@@ -72,8 +75,7 @@ def build(name: str, view: str, quick: bool) -> tuple[nn.Module, dict[str, torch
         return model, {"input_ids": torch.randint(0, 1000, (batch, seq)), "labels": torch.randint(0, 2, (batch,))}
     from peft import LoraConfig, get_peft_model
 
-    width = {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 4} if quick else {
-        "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32}
+    width = TOY_LLAMA if quick else LLAMA_7B
     config = tf.LlamaConfig(num_hidden_layers=2, vocab_size=1000 if quick else 32000, use_cache=False, **width, **attention)
     model = get_peft_model(tf.LlamaForCausalLM(config), LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
     ids = torch.randint(0, config.vocab_size, (2, 64 if quick else 2048))
@@ -126,18 +128,18 @@ def render(payload: dict[str, Any]) -> str:
         *([(f"This run measured {', '.join(payload['measured'])}; the other models' rows are kept from an earlier "
             "run (the figures are simulated, so they do not depend on the machine or its load)."), ""]
           if set(payload.get("measured", MODELS)) != set(MODELS) else []),
-        "| model | attention | variant | peak | vs baseline | activations | temporaries | peak in | blocks | check |",
-        "|---|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
     base = {(r["model"], r["attention"]): r["peak_bytes"] for r in payload["results"] if r["variant"] == "baseline"}
+    cells = []
     for r in payload["results"]:
         ratio = r["peak_bytes"] / base[(r["model"], r["attention"])]
         check = "" if "fits" not in r else ("ok" if r["fits"] and r["fewest"] else "FAILED")
-        lines.append(
-            f"| {r['model']} | {r['attention']} | {r['variant']} | {format_bytes(r['peak_bytes'])} | {ratio:.2f}x | "
-            f"{format_bytes(r['parts']['activations'])} | {format_bytes(r['parts']['temporaries'])} | {r['phase']} | "
-            f"{r['checkpointed_blocks']} | {check} |"
-        )
+        cells.append([r["model"], r["attention"], r["variant"], format_bytes(r["peak_bytes"]), f"{ratio:.2f}x",
+                      format_bytes(r["parts"]["activations"]), format_bytes(r["parts"]["temporaries"]), r["phase"],
+                      r["checkpointed_blocks"], check])
+    lines += table(["model", "attention", "variant", "peak", "vs baseline", "activations", "temporaries", "peak in",
+                    "blocks", "check"], cells,
+                   right_aligned={"peak", "vs baseline", "activations", "temporaries", "blocks"})
     lines += ["", "Targets (default / baseline peak): " + ", ".join(
         f"{m} {v} <= {limit}: {payload['targets'][f'{m} {v}']:.2f}x" for (m, v), limit in TARGETS.items()
         if f"{m} {v}" in payload["targets"])]

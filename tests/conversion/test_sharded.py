@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lightning_approxbp import convert
 from lightning_approxbp.conversion.gated_mlp import FusedGatedMLP
 from lightning_approxbp.conversion.merged import AffineMergedLinear
+from tests.tolerances import IDENTICAL
 
 CONFIG = LlamaConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -76,10 +77,10 @@ def _loss_and_grads(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Ten
 
 def _assert_same_training(expected: nn.Module, actual: nn.Module) -> None:
     (loss, grads), (actual_loss, actual_grads) = _loss_and_grads(expected), _loss_and_grads(actual)
-    torch.testing.assert_close(actual_loss, loss, rtol=0, atol=0)
+    torch.testing.assert_close(actual_loss, loss, **IDENTICAL)
     assert list(actual_grads) == list(grads)
     for name, grad in grads.items():
-        torch.testing.assert_close(actual_grads[name], grad, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(actual_grads[name], grad, **IDENTICAL, msg=name)
 
 
 def _converted_before_sharding() -> LlamaForCausalLM:

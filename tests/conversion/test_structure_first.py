@@ -11,7 +11,7 @@ from torch import nn
 from lightning_approxbp import convert
 from lightning_approxbp.conversion.gated_mlp import FusedGatedMLP
 from lightning_approxbp.conversion.structure import StructureCache, materialized_twin, signature
-from tests.tolerances import SAME_TRAINING_FP32
+from tests.tolerances import IDENTICAL, SAME_TRAINING_FP32
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,7 +71,7 @@ def test_a_meta_model_converts_and_after_loading_real_weights_trains_as_the_real
         loss = model(**_batch()).loss
         loss.backward()
         losses.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(losses[1][0], losses[0][0], **IDENTICAL)
     for a, b in zip(losses[1][1], losses[0][1], strict=True):
         torch.testing.assert_close(a, b, **SAME_TRAINING_FP32)
 

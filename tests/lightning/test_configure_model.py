@@ -24,6 +24,7 @@ from lightning_approxbp import ApproxBP, convert
 from lightning_approxbp.conversion.gated_mlp import FusedGatedMLP
 from lightning_approxbp.plugins import ApproxBPPrecision
 from tests.distributed import end_distributed_run, run_script
+from tests.tolerances import IDENTICAL, LOSS_CURVE_FP32
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -163,7 +164,7 @@ def test_configure_model_built_and_sharded_models_train_as_converted_by_hand(tmp
     for name in ("real", "empty_init", "checkpointed"):
         assert results[name]["fused"] and results[name]["converted"] == 18, name
         assert "loss not fused: the model has no values here" in results[name]["loss_row"], name
-        torch.testing.assert_close(results[name]["losses"][:STEPS], expected, rtol=1e-5, atol=0, msg=name)
+        torch.testing.assert_close(results[name]["losses"][:STEPS], expected, **LOSS_CURVE_FP32, msg=name)
     # The checkpoint loads exactly into the converted and the unconverted model, and resuming with
     # ApproxBP trains as resuming a model converted by hand. (Not compared with an uninterrupted run:
     # on this CPU setup a resumed run departs from it at its second step with or without ApproxBP.)
@@ -171,6 +172,6 @@ def test_configure_model_built_and_sharded_models_train_as_converted_by_hand(tmp
     for name in ("resumed", "resumed_by_hand", "resumed_unconverted"):
         assert list(results[name]["loaded"]) == list(saved)
         for parameter, value in saved.items():
-            torch.testing.assert_close(results[name]["loaded"][parameter], value, rtol=0, atol=0, msg=parameter)
+            torch.testing.assert_close(results[name]["loaded"][parameter], value, **IDENTICAL, msg=parameter)
     assert not results["resumed_unconverted"]["fused"] and len(results["resumed_unconverted"]["losses"]) == STEPS
-    torch.testing.assert_close(results["resumed"]["losses"], results["resumed_by_hand"]["losses"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(results["resumed"]["losses"], results["resumed_by_hand"]["losses"], **LOSS_CURVE_FP32)

@@ -21,6 +21,7 @@ from lightning_approxbp import ApproxBP, convert
 from lightning_approxbp.conversion.merged import AffineMergedLinear
 from lightning_approxbp.plugins import ApproxBPPrecision
 from tests.distributed import end_distributed_run, run_script
+from tests.tolerances import SHARDED_TRAINING_FP32
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH = 16
@@ -114,11 +115,11 @@ def test_fsdp2_trains_as_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
         assert fsdp2["sharded"] and not ddp["sharded"]
         assert fsdp2["converted"] == ddp["converted"] == 6  # 2 norms, their 2 merged linears, 2 activations
         assert len(fsdp2["losses"]) == 3
-        torch.testing.assert_close(fsdp2["losses"], ddp["losses"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fsdp2["losses"], ddp["losses"], **SHARDED_TRAINING_FP32)
     ddp_params, fsdp2_params = (torch.load(tmp_path / f"{s}_params.pt") for s in ("ddp", "fsdp2"))
     assert list(fsdp2_params) == list(ddp_params)
     for name, value in fsdp2_params.items():
-        torch.testing.assert_close(value, ddp_params[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(value, ddp_params[name], **SHARDED_TRAINING_FP32, msg=name)
 
 
 @pytest.fixture

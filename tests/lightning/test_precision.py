@@ -35,7 +35,7 @@ from lightning_approxbp.plugins import (
     store_frozen_weights,
 )
 from lightning_approxbp.saved_tensors import SavedTensorCounter
-from tests.tolerances import SAME_TRAINING_FP32
+from tests.tolerances import ROUNDED_START_GAP_FACTOR, SAME_TRAINING_FP32
 
 HALF = {"bf16": torch.bfloat16, "16": torch.float16}
 LIGHTNING_FAMILIES = (MixedPrecision, HalfPrecision, DoublePrecision)
@@ -553,4 +553,4 @@ def test_a_backbone_unfrozen_during_fit_trains_as_under_lightnings_mixed_precisi
     rounding = max((p - p.bfloat16().float()).abs().max().item() for p in original.backbone.parameters())
     _finetune(original, MixedPrecision("bf16-mixed", "cpu"))
     for (name, actual), expected in zip(approxbp.named_parameters(), original.parameters(), strict=True):
-        torch.testing.assert_close(actual, expected, rtol=0, atol=4 * rounding, msg=name)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=ROUNDED_START_GAP_FACTOR * rounding, msg=name)

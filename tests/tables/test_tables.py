@@ -17,6 +17,7 @@ from lightning_approxbp.tables.solver import (
     fit_table,
     optimal_segmentation,
 )
+from tests.tolerances import SHIPPED_TABLE_LEVELS_ABS
 
 
 def test_regeneration_reproduces_the_shipped_file(tmp_path):
@@ -32,7 +33,7 @@ def test_every_shipped_table_is_valid_and_matches_the_solver(activation, bits):
     table = get_table(activation, bits)
     assert table.kind == "fitted" and len(table.levels) == 2**bits
     fit = fit_table(activation, bits)
-    assert table.levels == pytest.approx(fit.levels, abs=1e-6)
+    assert table.levels == pytest.approx(fit.levels, abs=SHIPPED_TABLE_LEVELS_ABS)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
