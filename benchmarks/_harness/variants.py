@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_approxbp.nn import RegeneratedDropout
 from torch import nn
 
 # Both techniques as published (Approx-BP activations, MS-BP norms), nothing beyond the paper:
@@ -33,3 +34,12 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def dropout_as_on_cuda(model: nn.Module) -> nn.Module:
+    """Converted dropouts redraw their mask in backward, as they do on CUDA (on CPU they keep it as
+    1 bit per element): for byte counts that stand for a GPU run."""
+    for layer in model.modules():
+        if isinstance(layer, RegeneratedDropout):
+            layer.mask_storage = "regenerate"
+    return model

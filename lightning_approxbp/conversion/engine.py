@@ -10,6 +10,7 @@ its own, because it changes the model's outputs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -238,7 +239,7 @@ def convert(
     example_input: Any = None,
     *,
     config: ConversionConfig | None = None,
-    filter: ModuleFilter | None = None,  # noqa: A002 - the public name users expect
+    filter: ModuleFilter | None = None,
     probe: ProbeFn | None = None,
     probe_label: str | None = None,
     **options: Any,
@@ -292,6 +293,7 @@ def convert(
         >>> report.bytes_after < report.bytes_before
         True
     """
+    started = time.perf_counter()
     config = ConversionConfig.build(config, **options)
     if example_input is not None and probe is not None:
         raise ValueError("Pass either example_input or probe, not both.")
@@ -310,6 +312,7 @@ def convert(
 
         report = convert_sharded(module, convert_skeleton)
         report.notes.append(_SHARDED_NOTE)
+        report.seconds = time.perf_counter() - started
         return report
     has_values = not has_no_values(module)
     if probe is None and example_input is not None:
@@ -387,4 +390,5 @@ def convert(
             f"ApproxBP: nothing to convert in {type(module).__name__} (no GELU/SiLU-family activation or "
             "LayerNorm/RMSNorm that can be converted exactly); the model is unchanged."
         )
+    report.seconds = time.perf_counter() - started
     return report

@@ -57,6 +57,7 @@ class ConversionReport:
             on the original and on the converted model; ``None`` without a probe.
         max_error: largest relative output difference found by verification (``None`` if not run).
         notes: anything else worth knowing (e.g. why consumers could not be traced).
+        seconds: wall time of the conversion (probe runs, checks and swaps); ``None`` if not timed.
     """
 
     rows: list[ReportRow] = field(default_factory=list)
@@ -65,6 +66,7 @@ class ConversionReport:
     bytes_after: int | None = None
     max_error: float | None = None
     notes: list[str] = field(default_factory=list)
+    seconds: float | None = None
 
     def add(self, fqn: str, kind: str, action: str, strategy: str = "", reason: str = "") -> None:
         if action not in ACTIONS:
@@ -102,6 +104,7 @@ class ConversionReport:
             "reduction": self.reduction,
             "max_error": self.max_error,
             "notes": list(self.notes),
+            "seconds": self.seconds,
             "rows": [asdict(row) for row in self.rows],
         }
 
@@ -131,6 +134,8 @@ class ConversionReport:
             )
         if self.max_error is not None:
             lines.append(f"verified: max relative output difference {self.max_error:.2e}")
+        if self.seconds is not None:
+            lines.append(f"conversion took {self.seconds:.2f} s")
         for note in self.notes:
             lines.extend(textwrap.wrap(f"note: {note}", width, subsequent_indent="  ", break_long_words=False))
         return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import time
 import warnings
 
 import pytest
@@ -367,6 +368,16 @@ def test_the_report_of_a_real_model_fits_a_100_column_terminal() -> None:
     text = str(convert(case.build().train(), case.batch))
     assert max(len(line) for line in text.splitlines()) <= 100, text
     assert "converted" in text and "saved for backward" in text
+
+
+def test_the_report_states_how_long_the_conversion_took() -> None:
+    case = CASES["bert"]
+    started = time.perf_counter()
+    report = convert(case.build().train(), case.batch)
+    elapsed = time.perf_counter() - started
+    assert report.seconds is not None and 0 < report.seconds <= elapsed
+    assert str(report).splitlines()[-1] == f"conversion took {report.seconds:.2f} s"
+    assert report.to_dict()["seconds"] == report.seconds
 
 
 def test_a_kept_affine_whose_weight_becomes_unsafe_falls_back_to_exact_saving() -> None:
