@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from lightning_approxbp.ops._utils import guard_double_backward
 from lightning_approxbp.ops.bitpack import (
@@ -137,6 +138,10 @@ def _regenerated_grad(ctx, grad_output: Tensor) -> Tensor:
 def _unpacked_grad(ctx, grad_output: Tensor) -> Tensor:
     (packed,) = ctx.saved_tensors
     numel = math.prod(ctx.shape)
+    if isinstance(grad_output, FakeTensor):
+        # Shapes only (memory simulation): the scaled mask's values need real numbers, and its
+        # tables are cached, which a fake tensor must never be.
+        return grad_output * torch.empty_strided(ctx.shape, ctx.strides, dtype=ctx.dtype, device=ctx.device)
     if ctx.device.type != "cpu":
         mask = unpack_codes(packed, 1, numel).view(torch.bool).as_strided(ctx.shape, ctx.strides)
         return torch.ops.aten.native_dropout_backward(grad_output, mask, 1.0 / (1.0 - ctx.p))

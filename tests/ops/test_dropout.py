@@ -147,3 +147,17 @@ def test_bits_backward_in_chunks_covers_every_element(monkeypatch, dtype):
         stock = _run(lambda t: F.dropout(t, 0.3), x, grad)
         for a, b in zip(ours, stock):
             torch.testing.assert_close(a, b, **IDENTICAL)
+
+
+def test_bits_backward_runs_on_fake_tensors_and_leaves_no_fake_in_its_caches():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(8, 16, requires_grad=True)
+        regenerated_dropout(x, 0.2, mask_storage="bits").sum().backward()
+        assert x.grad.shape == x.shape
+    real = torch.randn(8, 16)
+    ours = _run(lambda t: regenerated_dropout(t, 0.2, mask_storage="bits"), real, torch.ones(8, 16))
+    stock = _run(lambda t: F.dropout(t, 0.2), real, torch.ones(8, 16))
+    for a, b in zip(ours, stock):
+        torch.testing.assert_close(a, b, **IDENTICAL)
