@@ -55,7 +55,12 @@ def is_checkpointed(module: nn.Module) -> bool:
 
 
 def checkpoint_blocks(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
-    """Make the named modules of ``model`` recompute their forward in backward; return them."""
+    """Make the named modules of ``model`` recompute their forward in backward; return them.
+
+    Raises:
+        ValueError: for a name ``model`` does not have, or a module whose ``forward`` is already
+            wrapped otherwise (e.g. offloaded).
+    """
     modules = dict(model.named_modules())
     done = []
     for name in names:
@@ -63,6 +68,9 @@ def checkpoint_blocks(model: nn.Module, names: Iterable[str]) -> list[nn.Module]
             raise ValueError(f"{type(model).__name__} has no module {name!r} to checkpoint.")
         module = modules[name]
         if not is_checkpointed(module):
+            if "forward" in vars(module):
+                raise ValueError(f"{name!r} already has its own forward (e.g. it is offloaded); a block is either "
+                                 "checkpointed or offloaded.")
             module.forward = CheckpointedForward(module.forward)  # type: ignore[method-assign]
         done.append(module)
     return done
