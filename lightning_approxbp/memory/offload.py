@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_approxbp.memory.checkpointing import wrap_forwards, wrapped_forwards
 from lightning_approxbp.saved_tensors import storage_id
 
 HOST = torch.device("cpu")
@@ -87,20 +89,17 @@ def offload_blocks(model: nn.Module, names: Iterable[str], host: torch.device = 
     Raises:
         ValueError: for a name ``model`` does not have, or a module whose ``forward`` is already
             wrapped otherwise (e.g. checkpointed).
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
+        >>> (wrapper,) = offload_blocks(model, ["0"])
+        >>> _ = model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+        >>> is_offloaded(model[0]), wrapper.moved_bytes  # on the CPU the host is the device: nothing moves
+        (True, 0)
     """
-    modules = dict(model.named_modules())
-    wrappers = []
-    for name in names:
-        if name not in modules:
-            raise ValueError(f"{type(model).__name__} has no module {name!r} to offload.")
-        module = modules[name]
-        if not is_offloaded(module):
-            if "forward" in vars(module):
-                raise ValueError(f"{name!r} already has its own forward (e.g. it is checkpointed); a block is either "
-                                 "checkpointed or offloaded.")
-            module.forward = OffloadedForward(module, host)  # type: ignore[method-assign]
-        wrappers.append(vars(module)["forward"])
-    return wrappers
+    modules = wrap_forwards(model, names, OffloadedForward, partial(OffloadedForward, host=host), "offload")
+    return [vars(module)["forward"] for module in modules]
 
 
 @contextmanager
@@ -108,12 +107,5 @@ def offloaded_blocks(
     model: nn.Module, names: Iterable[str], host: torch.device = HOST
 ) -> Iterator[list[OffloadedForward]]:
     """The named modules offloaded inside the block only (yields their wrappers)."""
-    modules = dict(model.named_modules())
-    names = list(names)
-    added = [modules[name] for name in names if name in modules and not is_offloaded(modules[name])]
-    wrappers = offload_blocks(model, names, host)
-    try:
-        yield wrappers
-    finally:
-        for module in added:
-            del module.forward
+    with wrapped_forwards(model, names, OffloadedForward, partial(OffloadedForward, host=host), "offload") as modules:
+        yield [vars(module)["forward"] for module in modules]

@@ -20,7 +20,7 @@ from lightning_approxbp.memory import (
 )
 from lightning_approxbp.memory.offload import SIMULATED_HOST
 from lightning_approxbp.saved_tensors import SavedTensorCounter, storage_id
-from tests.memory.models import VOCAB, tiny_bert, tiny_llama
+from tests.memory.models import VOCAB, loss_and_grads, tiny_bert, tiny_llama
 from tests.tolerances import IDENTICAL
 
 pytestmark = pytest.mark.filterwarnings("ignore:Module is None")
@@ -75,17 +75,10 @@ def test_offload_changes_nothing_computed(build):
     model, batch = build(3)
     keys = list(model.state_dict())
 
-    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        torch.manual_seed(7)
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    loss, grads = loss_and_grads()
+    loss, grads = loss_and_grads(model, batch)
     names = [name for name, _ in blocks_of(model)][:2]
     wrappers = offload_blocks(model, names, host=COPYING_HOST)
-    offloaded_loss, offloaded_grads = loss_and_grads()
+    offloaded_loss, offloaded_grads = loss_and_grads(model, batch)
     assert all(wrapper.moved_bytes > 0 for wrapper in wrappers)
     assert list(model.state_dict()) == keys
     assert torch.equal(offloaded_loss, loss)
@@ -95,7 +88,7 @@ def test_offload_changes_nothing_computed(build):
     for wrapper in wrappers:
         del wrapper.module.forward
     assert not any(is_offloaded(m) for _, m in blocks_of(model))
-    assert torch.equal(loss_and_grads()[0], loss)
+    assert torch.equal(loss_and_grads(model, batch)[0], loss)
 
 
 def test_a_block_is_either_checkpointed_or_offloaded():
