@@ -34,6 +34,7 @@ from lightning_approxbp.conversion.walker import ModuleFilter
 from lightning_approxbp.errors import ProbeError
 from lightning_approxbp.memory import (
     CheckpointPlan,
+    OffloadCost,
     apply_plan,
     parse_budget,
     plan_checkpointing,
@@ -126,11 +127,16 @@ class ApproxBP(Callback):
             whole batch the probe came from. The plan is kept as :attr:`memory_plan` and printed.
             Not for a model sharded with ``fully_shard`` (the simulation is of one process holding
             the whole model): that is an error.
+        offload: with ``memory_budget``, let the plan keep a block's saved tensors in (pinned) host
+            memory instead of recomputing it, where the transfer is modelled to take less time than
+            the recompute: ``True`` (the default rates of
+            :class:`~lightning_approxbp.memory.OffloadCost`) or an ``OffloadCost``. Not considered
+            when training runs on the CPU (``False``).
 
     Raises:
         ValueError: at construction, for unknown or conflicting options or an unreadable
-            ``memory_budget``; at setup, for a budget that cannot be met (the message gives the
-            smallest reachable peak).
+            ``memory_budget`` (or ``offload`` without it); at setup, for a budget that cannot be
+            met (the message gives the smallest reachable peak).
         RuntimeError: at conversion if verification finds a different output, or when modules are
             sharded by FSDP1 or tensor parallelism (the message says how to convert first).
 
@@ -164,6 +170,7 @@ class ApproxBP(Callback):
         config: ConversionConfig | None = None,
         probe_samples: int = 2,
         memory_budget: float | str | None = None,
+        offload: bool | OffloadCost = False,
     ) -> None:
         if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or probe_samples < 1:
             raise ValueError(
@@ -192,6 +199,9 @@ class ApproxBP(Callback):
         self.report: ConversionReport | None = None
         self._converted: weakref.ref[nn.Module] | None = None
         self._memory_budget = memory_budget if memory_budget is None else read_budget(memory_budget)
+        if offload is not False and memory_budget is None:
+            raise ValueError("`offload` is a lever of the memory budget planner: give `memory_budget` with it.")
+        self._offload = offload
         self.memory_plan: CheckpointPlan | None = None
 
     @override
@@ -282,14 +292,15 @@ class ApproxBP(Callback):
             self._fit_budget(trainer, pl_module)
 
     def _fit_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Plan and apply the checkpointing that makes the simulated step fit ``memory_budget``."""
+        """Plan and apply the checkpointing (and offload) that makes the simulated step fit ``memory_budget``."""
         if sharded_modules(pl_module):
             raise ValueError(
                 "ApproxBP(memory_budget=...) simulates one process holding the whole model, which does not describe "
                 "a model sharded with fully_shard; drop memory_budget and apply activation checkpointing in "
                 "configure_model (checkpoint_wrapper on the blocks), which ApproxBP converts through."
             )
-        budget = parse_budget(self._memory_budget, trainer.strategy.root_device)
+        device = trainer.strategy.root_device
+        budget = parse_budget(self._memory_budget, device)
         example, step = self._budget_batch(trainer, pl_module)
         if example is None:
             raise ValueError(
@@ -298,7 +309,7 @@ class ApproxBP(Callback):
             )
         self.memory_plan = plan_checkpointing(
             pl_module, example, budget, step=step, precision=str(trainer.precision),
-            optimizer=configured_optimizer, share=(trainer,),
+            optimizer=configured_optimizer, share=(trainer,), offload=self._offload, device=device,
         )
         apply_plan(pl_module, self.memory_plan)
         rank_zero_info(str(self.memory_plan))

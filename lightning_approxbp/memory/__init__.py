@@ -4,8 +4,10 @@ Plain PyTorch (no Lightning):
 
 - :func:`estimate_step_memory`: the peak of one training step (parameters, gradients, optimizer
   state, activations, temporaries) replayed on fake tensors, for the model as it is or converted;
-- :func:`plan_checkpointing` / :func:`apply_plan`: the fewest blocks to checkpoint so the
-  simulated peak fits a budget (bytes, ``"20GiB"`` or a fraction of the device's memory).
+- :func:`plan_checkpointing` / :func:`apply_plan`: the fewest blocks to checkpoint (or, with
+  ``offload``, to keep their saved tensors in host memory) so the simulated peak fits a budget
+  (bytes, ``"20GiB"`` or a fraction of the device's memory);
+- :func:`offload_blocks`: saved-tensor offload of chosen blocks to (pinned) host memory.
 """
 
 from lightning_approxbp.memory.budget import device_memory, parse_budget, read_budget
@@ -20,14 +22,17 @@ from lightning_approxbp.memory.estimate import (
     estimate_step_memory,
     format_bytes,
 )
+from lightning_approxbp.memory.offload import is_offloaded, offload_blocks
 from lightning_approxbp.memory.planner import (
     CheckpointPlan,
+    OffloadCost,
     apply_plan,
     plan_checkpointing,
 )
 
 __all__ = [
     "CheckpointPlan",
+    "OffloadCost",
     "StepMemoryEstimate",
     "StepSimulation",
     "apply_plan",
@@ -37,6 +42,8 @@ __all__ = [
     "estimate_step_memory",
     "format_bytes",
     "is_checkpointed",
+    "is_offloaded",
+    "offload_blocks",
     "parse_budget",
     "plan_checkpointing",
     "read_budget",

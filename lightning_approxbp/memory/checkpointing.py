@@ -8,7 +8,7 @@ backward, RNG state preserved so dropout draws the same masks). ``del block.forw
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,32 +55,66 @@ def is_checkpointed(module: nn.Module) -> bool:
 
 
 def checkpoint_blocks(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
-    """Make the named modules of ``model`` recompute their forward in backward; return them."""
+    """Make the named modules of ``model`` recompute their forward in backward; return them.
+
+    Raises:
+        ValueError: for a name ``model`` does not have, or a module whose ``forward`` is already
+            wrapped otherwise (e.g. offloaded).
+    """
+    return wrap_forwards(model, names, CheckpointedForward, _checkpointed, "checkpoint")
+
+
+@contextmanager
+def checkpointed_blocks(model: nn.Module, names: Iterable[str]) -> Iterator[list[nn.Module]]:
+    """The named modules checkpointed inside the block only (those that were already stay so)."""
+    with wrapped_forwards(model, names, CheckpointedForward, _checkpointed, "checkpoint") as modules:
+        yield modules
+
+
+def _checkpointed(module: nn.Module) -> CheckpointedForward:
+    return CheckpointedForward(module.forward)
+
+
+def wrap_forwards(
+    model: nn.Module, names: Iterable[str], kind: type, make: Callable[[nn.Module], Any], verb: str
+) -> list[nn.Module]:
+    """Give each named module of ``model`` the instance ``forward`` ``make(module)`` (of type ``kind``)
+    unless it has one of that type already; return the modules.
+
+    One instance ``forward`` per module: a block is either checkpointed or offloaded.
+
+    Raises:
+        ValueError: for a name ``model`` does not have (the message says what could not be
+            ``verb``-ed), or a module whose ``forward`` is already wrapped otherwise.
+    """
     modules = dict(model.named_modules())
     done = []
     for name in names:
         if name not in modules:
-            raise ValueError(f"{type(model).__name__} has no module {name!r} to checkpoint.")
+            raise ValueError(f"{type(model).__name__} has no module {name!r} to {verb}.")
         module = modules[name]
-        if not is_checkpointed(module):
-            module.forward = CheckpointedForward(module.forward)  # type: ignore[method-assign]
+        own = vars(module).get("forward")
+        if own is None:
+            module.forward = make(module)  # type: ignore[method-assign]
+        elif not isinstance(own, kind):
+            raise ValueError(
+                f"{name!r} already has its own forward ({type(own).__name__}); a block is either checkpointed or "
+                "offloaded."
+            )
         done.append(module)
     return done
 
 
-def uncheckpoint(modules: Iterable[nn.Module]) -> None:
-    for module in modules:
-        if is_checkpointed(module):
-            del module.forward
-
-
 @contextmanager
-def checkpointed_blocks(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
-    """The named modules checkpointed inside the block only (those that were already stay so)."""
+def wrapped_forwards(
+    model: nn.Module, names: Iterable[str], kind: type, make: Callable[[nn.Module], Any], verb: str
+) -> Iterator[list[nn.Module]]:
+    """:func:`wrap_forwards` inside the block only: the forwards it added are removed on exit."""
     modules = dict(model.named_modules())
-    added = [modules[name] for name in names if name in modules and not is_checkpointed(modules[name])]
-    checkpoint_blocks(model, names)
+    names = list(names)
+    added = [modules[name] for name in names if name in modules and "forward" not in vars(modules[name])]
     try:
-        yield
+        yield wrap_forwards(model, names, kind, make, verb)
     finally:
-        uncheckpoint(added)
+        for module in added:
+            vars(module).pop("forward", None)  # absent when wrapping stopped at an error before it

@@ -34,6 +34,7 @@ from lightning_approxbp.memory.fake import (
     model_device,
     new_fake_mode,
 )
+from lightning_approxbp.memory.offload import SIMULATED_HOST, offloaded_blocks
 
 StepFn = Callable[[nn.Module, Any], Tensor]
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -68,6 +69,8 @@ class StepMemoryEstimate:
         conversion: the report of the conversion simulated, ``None`` for the model as it is.
         checkpointed: the names of the blocks that recompute their forward (activation
             checkpointing), if any.
+        offloaded: the names of the blocks whose saved tensors are offloaded to host memory, if any.
+        offloaded_bytes: bytes those blocks copy to the host per step (each comes back in backward).
     """
 
     peak_bytes: int
@@ -78,6 +81,8 @@ class StepMemoryEstimate:
     precision: str
     conversion: ConversionReport | None = None
     checkpointed: tuple[str, ...] = ()
+    offloaded: tuple[str, ...] = ()
+    offloaded_bytes: int = 0
 
     def __str__(self) -> str:
         kind = "converted" if self.conversion is not None else "as it is"
@@ -89,6 +94,9 @@ class StepMemoryEstimate:
                      + (f" of {self.module}" if self.module else ""))
         if self.checkpointed:
             lines.append(f"  checkpointed blocks: {len(self.checkpointed)} ({', '.join(self.checkpointed)})")
+        if self.offloaded:
+            lines.append(f"  offloaded blocks: {len(self.offloaded)} ({', '.join(self.offloaded)}), "
+                         f"{format_bytes(self.offloaded_bytes)} to the host and back per step")
         return "\n".join(lines)
 
 
@@ -221,26 +229,32 @@ class StepSimulation:
             self.step_fn: StepFn = lambda module, batch: loss_fn(_forward(module, batch))
         else:
             self.step_fn = step or default_step
-        self._measured: dict[tuple[str, ...], StepMemoryEstimate] = {}
+        self._measured: dict[tuple[tuple[str, ...], tuple[str, ...]], StepMemoryEstimate] = {}
         self._run_step(None)  # the measured steps find gradients freed and optimizer state allocated
 
-    def measure(self, checkpointed: tuple[str, ...] = ()) -> StepMemoryEstimate:
-        """One step's peak, with the blocks named in ``checkpointed`` recomputing their forward.
+    def measure(self, checkpointed: tuple[str, ...] = (), offloaded: tuple[str, ...] = ()) -> StepMemoryEstimate:
+        """One step's peak, with the blocks named in ``checkpointed`` recomputing their forward
+        and those in ``offloaded`` keeping their saved tensors in host memory.
 
-        Steady-state steps are alike, so each set of blocks is simulated once and remembered.
+        The simulated device stands for the accelerator even on CPU: offloaded tensors go to a
+        stand-in host (the meta device), so they leave the device's peak as they would on a GPU.
+        Steady-state steps are alike, so each plan is simulated once and remembered.
         """
-        key = tuple(sorted(checkpointed))
+        key = (tuple(sorted(checkpointed)), tuple(sorted(offloaded)))
         if key not in self._measured:
-            self._measured[key] = self._measure(checkpointed)
+            self._measured[key] = self._measure(checkpointed, offloaded)
         return self._measured[key]
 
-    def _measure(self, checkpointed: tuple[str, ...]) -> StepMemoryEstimate:
-        with checkpointed_blocks(self.model, checkpointed):
+    def _measure(self, checkpointed: tuple[str, ...], offloaded: tuple[str, ...]) -> StepMemoryEstimate:
+        with (
+            checkpointed_blocks(self.model, checkpointed),
+            offloaded_blocks(self.model, offloaded, SIMULATED_HOST) as wrappers,
+        ):
             tracker = _PeakTracker(self.device)
             tracker.skip_frozen(self.model)
             tracker.track_external(self.model, self.optimizer, self.inputs)
             self._run_step(tracker)
-        if not checkpointed:
+        if not checkpointed and not offloaded:
             self._plain_tracker = tracker
         snapshot = tracker.get_tracker_snapshot("peak").get(self.device, {})
         parts = {name: int(snapshot.get(kind, 0)) for name, kind in _PARTS.items()}
@@ -248,7 +262,7 @@ class StepSimulation:
         module = tracker.module.removeprefix(root).removeprefix(".")
         return StepMemoryEstimate(
             int(snapshot.get(_TOTAL, 0)), parts, tracker.phase, module, str(self.device), self.precision,
-            self.conversion, checkpointed,
+            self.conversion, checkpointed, offloaded, sum(wrapper.moved_bytes for wrapper in wrappers),
         )
 
     def module_stats(self, module: nn.Module) -> tuple[int, int, int]:

@@ -9,7 +9,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_approxbp import ApproxBP, PeakMemoryMonitor
-from lightning_approxbp.memory import StepSimulation, blocks_of, is_checkpointed
+from lightning_approxbp.memory import (
+    OffloadCost,
+    StepSimulation,
+    blocks_of,
+    is_checkpointed,
+    is_offloaded,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Module is None", "ignore:.*does not have many workers")
 
@@ -95,3 +101,20 @@ def test_an_impossible_budget_fails_the_fit_with_the_smallest_peak():
 def test_a_bad_budget_is_refused_at_construction(budget):
     with pytest.raises(ValueError, match="memory_budget|memory budget"):
         ApproxBP(memory_budget=budget)
+
+
+def test_offload_needs_a_budget():
+    with pytest.raises(ValueError, match="give `memory_budget` with it"):
+        ApproxBP(offload=True)
+
+
+def test_offload_is_not_considered_when_training_on_the_cpu():
+    """Even when modelled as free: on the host there is no device memory for offload to free."""
+    none, every = _peaks(Stack(), example=False)
+    module = Stack()
+    callback = ApproxBP(memory_budget=(none + every) // 2, offload=OffloadCost(host_bandwidth=1e18))
+    _fit(callback, module)
+    plan = callback.memory_plan
+    assert plan is not None and plan.blocks and plan.offloaded == ()
+    assert "offload not considered: training runs on the host (cpu)" in str(plan)
+    assert not any(is_offloaded(m) for _, m in blocks_of(module))

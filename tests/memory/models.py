@@ -31,3 +31,12 @@ def tiny_llama(layers: int = 2) -> tuple[nn.Module, dict[str, Any]]:
     model = transformers.LlamaForCausalLM(config).train()
     ids = torch.randint(0, VOCAB, (2, 16))
     return model, {"input_ids": ids, "labels": ids}
+
+
+def loss_and_grads(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One seeded forward and backward (same dropout masks each call): the loss and every gradient."""
+    torch.manual_seed(7)
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}

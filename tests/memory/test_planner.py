@@ -17,7 +17,7 @@ from lightning_approxbp.memory import (
     parse_budget,
     plan_checkpointing,
 )
-from tests.memory.models import VOCAB, tiny_bert, tiny_llama
+from tests.memory.models import VOCAB, loss_and_grads, tiny_bert, tiny_llama
 from tests.tolerances import IDENTICAL
 
 pytestmark = pytest.mark.filterwarnings("ignore:Module is None")
@@ -95,19 +95,12 @@ def test_checkpointing_changes_only_what_recomputes(build):
     reference = {name: p.detach().clone() for name, p in model.state_dict().items()}
     keys = list(model.state_dict())
 
-    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        torch.manual_seed(7)
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    loss, grads = loss_and_grads()
+    loss, grads = loss_and_grads(model, batch)
     names = [name for name, _ in blocks_of(model)][:2]
     calls = []
     blocks = checkpoint_blocks(model, names)
     handle = next(blocks[0].children()).register_forward_pre_hook(lambda *_: calls.append(1))
-    checkpointed_loss, checkpointed_grads = loss_and_grads()
+    checkpointed_loss, checkpointed_grads = loss_and_grads(model, batch)
     handle.remove()
     assert len(calls) == 2  # the block's forward ran again in backward
     assert list(model.state_dict()) == keys
