@@ -25,12 +25,10 @@ Either way:
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Literal
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
 
 from lightning_approxbp.ops._utils import guard_double_backward
 from lightning_approxbp.ops.bitpack import (
@@ -69,17 +67,19 @@ def _rng_state(device: torch.device) -> Tensor:
 _ROW_BYTES = 16
 
 
-@lru_cache(maxsize=32)
-def _mask_rows(scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Row ``v`` is the scaled mask of the elements whose packed bits are the index ``v``."""
+def _mask_rows(p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Row ``v`` is the scaled mask of the elements whose packed bits are the index ``v``.
+
+    The kept value is stock CPU dropout's ``1 / (1 - p)`` rounded as its ``div_`` rounds it in the
+    mask's dtype. Built per call (a few small ops) rather than cached, so that a simulated step on
+    fake tensors allocates exactly what a real one does and no cache ever holds a fake tensor.
+    """
     width = _ROW_BYTES // dtype.itemsize
-    bits = torch.arange(2**width, dtype=torch.int32).unsqueeze(1) >> torch.arange(width, dtype=torch.int32)
-    return ((bits & 1).to(dtype) * torch.tensor(scale, dtype=dtype)).to(device)
-
-
-def _scaled_one(p: float, dtype: torch.dtype) -> float:
-    # Stock CPU dropout divides its 0/1 mask by (1 - p) in the mask's dtype: the kept value.
-    return torch.ones((), dtype=dtype).div_(1 - p).item()
+    bits = torch.arange(2**width, dtype=torch.int32, device=device).unsqueeze(1) >> torch.arange(
+        width, dtype=torch.int32, device=device
+    )
+    kept = torch.ones((), dtype=dtype, device=device).div_(1 - p)
+    return (bits & 1).to(dtype) * kept
 
 
 class RegeneratedDropoutFunction(torch.autograd.Function):
@@ -138,14 +138,10 @@ def _regenerated_grad(ctx, grad_output: Tensor) -> Tensor:
 def _unpacked_grad(ctx, grad_output: Tensor) -> Tensor:
     (packed,) = ctx.saved_tensors
     numel = math.prod(ctx.shape)
-    if isinstance(grad_output, FakeTensor):
-        # Shapes only (memory simulation): the scaled mask's values need real numbers, and its
-        # tables are cached, which a fake tensor must never be.
-        return grad_output * torch.empty_strided(ctx.shape, ctx.strides, dtype=ctx.dtype, device=ctx.device)
     if ctx.device.type != "cpu":
         mask = unpack_codes(packed, 1, numel).view(torch.bool).as_strided(ctx.shape, ctx.strides)
         return torch.ops.aten.native_dropout_backward(grad_output, mask, 1.0 / (1.0 - ctx.p))
-    table = _mask_rows(_scaled_one(ctx.p, ctx.dtype), ctx.dtype, ctx.device)
+    table = _mask_rows(ctx.p, ctx.dtype, ctx.device)
     width = table.shape[1]
     index = (packed if width == 8 else unpack_codes(packed, width, packed.numel() * 8 // width)).to(torch.int32)
     if grad_output.dtype == ctx.dtype and grad_output.stride() == ctx.strides:
