@@ -31,6 +31,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cpu_computes_natively(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs ``dtype`` matmuls in hardware (bf16: AVX512-BF16 or AMX; fp16: AVX512-FP16
+    or AMX-FP16); without it torch emulates them, several times slower than fp32."""
+    if dtype in (torch.float32, torch.float64):
+        return True
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return False
+
+
 # Device types torch.autocast knows; asking about another (e.g. "meta") raises.
 _AUTOCAST_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "ipu", "privateuseone"})
 

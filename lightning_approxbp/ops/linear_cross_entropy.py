@@ -17,8 +17,10 @@ A weight of another dtype than the computation (an fp32 weight under bf16 autoca
 vocabulary slice at a time, where autocast would keep a whole cast copy of it (half the size
 of the fp32 weight gradient, for the whole forward). On CPU, where a 16-bit matmul has no fp32
 result, the products that are accumulated in fp32 (the weight gradient, and the hidden gradient
-of a sliced weight) are computed from upcast operands: products of 16-bit values are exact in
-fp32, so only the fp32 sum rounds.
+of a sliced weight) are 16-bit matmuls whose partial sums are rounded once and added in fp32, as
+on CUDA, where the CPU computes the dtype natively (AVX512-BF16, AMX); elsewhere torch emulates
+16-bit matmuls, several times slower than fp32, so they are computed from upcast operands
+instead: products of 16-bit values are exact in fp32, so only the fp32 sum rounds.
 
 Saved for backward (``reduction="mean"``/``"sum"``): the gradients computed in the forward (of
 ``hidden``: ``tokens x hidden``; of ``weight``/``bias`` when they require grad) -- backward only
@@ -41,6 +43,7 @@ from torch import Tensor
 from lightning_approxbp.ops._utils import (
     check_floating,
     compute_dtype,
+    cpu_computes_natively,
     guard_double_backward,
 )
 from lightning_approxbp.ops.dispatch import dispatch
@@ -148,12 +151,18 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` with ``acc`` in the accumulation dtype and ``a``, ``b`` in it or 16-bit."""
     if a.dtype == b.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.device.type == "cpu":
-        # No 16-bit matmul with an fp32 result on CPU: upcast (the products stay exact).
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-    else:
+    elif sixteen_bit_products(acc.device, a.dtype):
         # The 16-bit matmul is the fast path: its partial sum is rounded once, then added in fp32.
         acc += a @ b
+    else:
+        # An emulated 16-bit matmul is slower than fp32: upcast (the products stay exact).
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def sixteen_bit_products(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the partial products accumulated in fp32 are computed by 16-bit matmuls (CUDA, and
+    CPUs that compute ``dtype`` natively) or by fp32 matmuls of upcast operands (other CPUs)."""
+    return device.type != "cpu" or cpu_computes_natively(dtype)
 
 
 def _logits(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -180,7 +189,7 @@ def _hidden_grad(grad_logits: Tensor, weight: Tensor, out: Tensor) -> None:
 
 def _accumulate_weight_grad(grad_weight: Tensor, grad_logits: Tensor, rows: Tensor) -> None:
     """``grad_weight += grad_logits.T @ rows`` in place, a vocabulary slice at a time."""
-    if grad_weight.device.type == "cpu":
+    if not sixteen_bit_products(grad_weight.device, rows.dtype):
         rows = rows.to(grad_weight.dtype)  # once per chunk rather than once per slice
     for part in _slices(grad_weight):
         _add_product(grad_weight[part], grad_logits[:, part].t(), rows)

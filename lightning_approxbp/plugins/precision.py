@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_approxbp.errors import OptionError
+from lightning_approxbp.ops._utils import cpu_computes_natively
 from lightning_approxbp.plugins.module_transforms import (
     follow_input_dtype,
     recast_trainable_weights,
@@ -498,14 +499,10 @@ def choose_precision(device: str | None = None) -> tuple[str, str]:
             return "bf16-mixed", "this CUDA GPU computes bf16 natively"
         return "16-mixed", "this CUDA GPU has no native bf16 (before Ampere), so fp16 with loss scaling"
     if device_type == "cpu":
-        if _cpu_has_native_bf16():
+        if cpu_computes_natively(torch.bfloat16):
             return "bf16-mixed", "this CPU computes bf16 natively (AVX512-BF16 or AMX)"
         return "32-true", "this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 matmuls would be emulated, slower than fp32"
     return "32-true", f"no native half-precision check for device {device_type!r}"
-
-
-def _cpu_has_native_bf16() -> bool:
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _announce(precision: str, reason: str) -> str:

@@ -24,6 +24,15 @@ from .helpers import TRITON_DEVICE, requires_triton
 SHAPES = [(13, 16, 37, 4), (7, 24, 101, 3), (32, 8, 1000, 32)]
 
 
+@pytest.fixture(params=["16-bit products", "upcast products"])
+def cpu_products(request, monkeypatch):
+    """Both ways the CPU path accumulates 16-bit products in fp32, whichever this CPU would pick: an
+    oracle that holds for both cannot depend on the CPU's vector unit."""
+    sixteen_bit = request.param == "16-bit products"
+    monkeypatch.setattr(lce, "sixteen_bit_products", lambda device, dtype: sixteen_bit)
+    return request.param
+
+
 def _inputs(tokens, hidden, vocab, dtype=torch.float32, *, bias=True, ignored=(), device="cpu"):
     h = torch.randn(tokens, hidden, dtype=dtype, device=device, requires_grad=True)
     w = (torch.randn(vocab, hidden, dtype=dtype, device=device) / hidden**0.5).requires_grad_()
@@ -119,7 +128,7 @@ def _bf16_error(fused: bool, h, w, b, target, **options):
 
 
 @pytest.mark.parametrize("label_smoothing, softcap", [(0.0, None), (0.1, 3.0)])
-def test_bf16_autocast_is_as_accurate_as_eager_autocast(label_smoothing, softcap):
+def test_bf16_autocast_is_as_accurate_as_eager_autocast(cpu_products, label_smoothing, softcap):
     """Within twice eager autocast's own error against fp64 (one bf16 rounding), for loss and grads."""
     h, w, b, target = _inputs(45, 64, 333, ignored=(1, 2, 40))
     options = {"label_smoothing": label_smoothing, "logit_softcap": softcap}
@@ -132,7 +141,7 @@ def test_bf16_autocast_is_as_accurate_as_eager_autocast(label_smoothing, softcap
 
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("label_smoothing, softcap", [(0.0, None), (0.1, 3.0)])
-def test_an_fp32_weight_cast_by_vocabulary_slices_under_autocast(monkeypatch, frozen, label_smoothing, softcap):
+def test_an_fp32_weight_cast_by_vocabulary_slices_under_autocast(cpu_products, monkeypatch, frozen, label_smoothing, softcap):
     """Slices of 7 rows (no divisor of the vocabulary): as accurate as eager autocast against fp64."""
     monkeypatch.setattr(lce, "_SLICE_BYTES", 7 * 4 * 64)
     h, w, b, target = _inputs(45, 64, 333, ignored=(1, 2, 40))
@@ -147,7 +156,7 @@ def test_an_fp32_weight_cast_by_vocabulary_slices_under_autocast(monkeypatch, fr
 
 
 @pytest.mark.parametrize("dtype", list(VS_FP64))
-def test_weight_gradient_slices_accumulate_in_place_exactly(monkeypatch, dtype):
+def test_weight_gradient_slices_accumulate_in_place_exactly(cpu_products, monkeypatch, dtype):
     """Several slices per chunk and several chunks: the weight gradient against fp64, in the dtype's rounding."""
     monkeypatch.setattr(lce, "_SLICE_BYTES", 5 * 4 * 24)
     h, w, b, target = _inputs(7, 24, 101, dtype, ignored=(3,))
@@ -171,7 +180,7 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def test_an_fp32_weight_under_autocast_is_never_copied_whole(monkeypatch):
+def test_an_fp32_weight_under_autocast_is_never_copied_whole(cpu_products, monkeypatch):
     """The chunk loop (the custom op's body, which dispatch modes do not enter) makes no weight-sized
     tensor but the fp32 weight gradient: no whole bf16 copy of the weight, no 16-bit partial product."""
     tokens, width, vocab = 32, 16, 512
