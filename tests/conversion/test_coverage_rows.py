@@ -298,10 +298,19 @@ def test_the_probe_runs_once_when_nothing_changes() -> None:
     assert len(calls) == 1 and report.bytes_before == report.bytes_after
 
 
-def test_fake_tensors_are_not_tried_again_after_they_failed() -> None:
-    # More repeated blocks than the whole-model check takes: the probe runs on fake tensors if it can.
+def test_fake_tensors_are_not_tried_again_after_they_failed(monkeypatch) -> None:
+    # More repeated blocks than the whole-model check takes, and "large": the probe runs on fake tensors if it can.
+    monkeypatch.setattr(engine, "_REAL_PROBE_MAX_PARAMETERS", 0)
     model = nn.Sequential(*[_ReadsValues() for _ in range(engine._WHOLE_MODEL_MAX_REPEATS + 1)])
     calls, probe = _counting(torch.randn(2, 8))
     report = convert(model, probe=probe)
     assert report.converted
     assert len(calls) == 3  # the failed fake run, the real reference run, the real converted run
+
+
+def test_a_small_model_with_values_probes_on_real_tensors() -> None:
+    # Fake tensors would fail on its .item() and cost a third run: a small model never tries them.
+    model = nn.Sequential(*[_ReadsValues() for _ in range(engine._WHOLE_MODEL_MAX_REPEATS + 1)])
+    calls, probe = _counting(torch.randn(2, 8))
+    assert convert(model, probe=probe).converted
+    assert len(calls) == 2  # the reference run, the converted run
