@@ -33,6 +33,7 @@ from lightning_approxbp.ops._utils import (
     requires_grad,
     table_tensor,
 )
+from lightning_approxbp.ops import bitpack
 from lightning_approxbp.ops.bitpack import multiply_gathered_rows, pack_codes
 from lightning_approxbp.ops.dispatch import dispatch
 from lightning_approxbp.tables import StepTable
@@ -69,8 +70,17 @@ def code_table(thresholds: tuple[float, ...], dtype: torch.dtype, device: torch.
 def compute_codes(flat: Tensor, thresholds: tuple[float, ...]) -> Tensor:
     """The number of thresholds strictly below each element (NaN: 0), as flat uint8."""
     if flat.dtype in _CODE_TABLE_DTYPES:
-        # Bits as indices: uint16 -> int32 is one widening pass; index_select takes int32.
-        return code_table(thresholds, flat.dtype, flat.device).index_select(0, flat.view(torch.uint16).to(torch.int32))
+        # Bits as indices: uint16 -> int32 is one widening pass; index_select takes int32. Chunk
+        # by chunk, so that the int32 indices (twice the input's bytes) stay in cache and no
+        # buffer of that size is allocated (fresh large buffers cost page faults on CPU).
+        table = code_table(thresholds, flat.dtype, flat.device)
+        bits = flat.view(torch.uint16)
+        codes = torch.empty(flat.shape, dtype=torch.uint8, device=flat.device)
+        chunk = bitpack.GATHER_CHUNK
+        for start in range(0, flat.numel(), chunk):
+            stop = start + chunk
+            torch.index_select(table, 0, bits[start:stop].to(torch.int32), out=codes[start:stop])
+        return codes
     bounds = table_tensor(thresholds, flat.device, flat.dtype)
     # A bool tensor viewed as uint8 is its 0/1 values without a conversion pass; the sums
     # accumulate in place into the first comparison's bytes.
