@@ -244,15 +244,18 @@ class ApproxBP(Callback):
 
         Layers built in ``__init__``/``setup`` are converted before, with their real values; when
         ``configure_model`` builds layers, the model is converted (again: what is converted stays
-        as it is) after it, or, if the user called ``convert`` there, only reported.
+        as it is) after it, or, if the user called ``convert`` there, only reported. A memory budget
+        is planned once, after ``configure_model``: for the model as it will train (per rank when it
+        sharded it).
         """
         original = pl_module.configure_model
 
         def convert_around_hook(*args: Any, **kwargs: Any) -> Any:
             _drop_pending(pl_module)
             before = {id(module) for module in pl_module.modules()}
-            if any(True for _ in pl_module.parameters()):
-                self._convert(trainer, pl_module)
+            converted_before = any(True for _ in pl_module.parameters())
+            if converted_before:
+                self._convert(trainer, pl_module, budget=False)
                 before = {id(module) for module in pl_module.modules()}
             output = original(*args, **kwargs)
             built = [m for m in pl_module.modules() if id(m) not in before and any(True for _ in m.parameters(False))]
@@ -261,6 +264,8 @@ class ApproxBP(Callback):
                 rank_zero_info(str(self.report))
             elif built:
                 self._convert(trainer, pl_module)
+            elif converted_before and self._memory_budget is not None:
+                self._fit_budget(trainer, pl_module)
             return output
 
         return convert_around_hook
@@ -270,7 +275,7 @@ class ApproxBP(Callback):
         # a fit that failed before the hook ran must not leave a wrapper that converts in a later `validate`
         _drop_pending(pl_module)
 
-    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule, budget: bool = True) -> None:
         _refuse_sharded(pl_module)
         failure: BaseException | None = None
         for probe, label in self._probes(trainer, pl_module):
@@ -296,7 +301,7 @@ class ApproxBP(Callback):
         self.report = report
         self._converted = weakref.ref(pl_module)
         rank_zero_info(str(report))
-        if self._memory_budget is not None:
+        if budget and self._memory_budget is not None:
             self._fit_budget(trainer, pl_module)
 
     def _fit_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

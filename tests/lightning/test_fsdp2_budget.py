@@ -78,8 +78,23 @@ class LitSharded(LightningModule):
         return DataLoader(data, batch_size=BATCH)
 
 
-def _fit(budget: Any, devices: int = 2) -> dict[str, Any]:
-    model, callback = LitSharded(), ApproxBP(memory_budget=budget)
+class LitBuiltInInit(LitSharded):
+    """Builds the stack in ``__init__`` (converted before ``configure_model``) and shards it there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stack = Stack()
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.stack.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.stack, mesh=mesh)
+
+
+def _fit(budget: Any, devices: int = 2, model: LitSharded | None = None) -> dict[str, Any]:
+    model, callback = model or LitSharded(), ApproxBP(memory_budget=budget)
     trainer = Trainer(
         accelerator="cpu", devices=devices, max_steps=STEPS, callbacks=[callback],
         strategy=ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
@@ -95,7 +110,10 @@ def _fit(budget: Any, devices: int = 2) -> dict[str, Any]:
         "before": plan.before.peak_bytes,
         "after": plan.after.peak_bytes,
         "parts": plan.before.parts,
+        "phase": plan.before.phase,
         "one_fewer": plan.one_fewer_peak_bytes,
+        "recompute_flops": plan.recompute_flops,
+        "forward_flops": plan.forward_flops,
         "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
         "keys": list(model.state_dict()),
     }
@@ -112,6 +130,8 @@ def fit(out: str) -> None:
     results["smallest"] = smallest
     results["budget"] = (results["none"]["before"] + smallest) // 2
     results["planned"] = _fit(results["budget"])
+    # built in __init__: converted before configure_model, planned after it shards (per rank too)
+    results["built_in_init"] = _fit(results["budget"], model=LitBuiltInInit())
     torch.save(results, os.path.join(out, f"rank{results['none']['rank']}.pt"))
     end_distributed_run()
 
@@ -133,12 +153,17 @@ def test_a_memory_budget_on_a_fully_sharded_model_plans_per_rank_and_trains_as_w
         assert 1 <= len(planned["blocks"]) < BLOCKS
         assert planned["after"] <= results["budget"] < planned["one_fewer"]
         assert sorted(planned["checkpointed"]) == sorted(planned["blocks"])  # applied on the real model
+        # each block's forward FLOPs found though training_step calls the FSDP unit, not the LightningModule
+        assert 0 < planned["recompute_flops"] < planned["forward_flops"]
         assert planned["keys"] == none["keys"]  # state-dict keys unchanged
         assert len(planned["losses"]) == STEPS
         torch.testing.assert_close(planned["losses"], none["losses"], **IDENTICAL)
         # the rank holds half of every parameter (padded), its gradients and AdamW state
         parameters = sum(p.numel() for p in Stack().parameters()) * 4
         assert none["parts"]["parameters"] <= parameters // 2 + 4 * 1024
+        # the same sharded model, whichever hook built it: the same plan and training
+        assert results["built_in_init"]["blocks"] == planned["blocks"] and results["built_in_init"]["sharded"]
+        torch.testing.assert_close(results["built_in_init"]["losses"], none["losses"], **IDENTICAL)
     # one plan on both ranks
     assert ranks[0]["planned"]["blocks"] == ranks[1]["planned"]["blocks"]
     assert ranks[0]["impossible"] == ranks[1]["impossible"]
