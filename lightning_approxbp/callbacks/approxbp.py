@@ -347,7 +347,8 @@ class ApproxBP(Callback):
         except Exception as error:  # noqa: BLE001 - every rank must reach the broadcast, or the others hang in it
             outcome = ("failure", f"{type(error).__name__}: {error}")
         outcome = trainer.strategy.broadcast(outcome, src=0)
-        where = f"one rank of the model sharded with fully_shard over {shard_group_size(pl_module)} ranks"
+        size = shard_group_size(pl_module)
+        where = f"one rank of the model sharded with fully_shard over {size} rank{'s' if size != 1 else ''}"
         if outcome[0] == "error":
             raise ValueError(f"{outcome[1]} (Simulated for {where}.)")
         if outcome[0] == "failure":

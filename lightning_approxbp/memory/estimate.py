@@ -251,6 +251,9 @@ class StepSimulation:
         tracker.track_external(self.model, self.optimizer, self.inputs)
         return tracker
 
+    def after_forward_only(self) -> None:
+        """Called after a forward without backward on the copy (the planner's FLOP count); nothing to undo here."""
+
     parts_of: Mapping[str, Any] = _PARTS  # the estimate's parts: name -> the tracker's reference type
 
     def measure(self, checkpointed: tuple[str, ...] = (), offloaded: tuple[str, ...] = ()) -> StepMemoryEstimate:

@@ -140,6 +140,7 @@ def block_flops(simulation: StepSimulation, names: list[str]) -> tuple[dict[str,
     counter = FlopCounterMode(display=False)
     with simulation.mode, torch.no_grad(), counter, simulation.autocast():
         simulation.step_fn(simulation.model, simulation.inputs)
+    simulation.after_forward_only()
     counts = counter.get_flop_counts()
     modules = dict(simulation.model.named_modules())
     flops = {name: sum(counts.get(_counted_name(modules, name, counts), {}).values()) for name in names}

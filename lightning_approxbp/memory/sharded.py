@@ -46,7 +46,11 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils._pytree import tree_leaves
 
 from lightning_approxbp.conversion.sharded import meta_skeleton
-from lightning_approxbp.memory.checkpointing import blocks_of
+from lightning_approxbp.memory.checkpointing import (
+    blocks_of,
+    checkpoint_blocks,
+    is_checkpointed,
+)
 from lightning_approxbp.memory.estimate import (
     NotesPeak,
     OptimizerFactory,
@@ -187,7 +191,12 @@ class ShardedStepSimulation(StepSimulation):
                 if id(tensor) not in memo:
                     fake = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
                     memo[id(tensor)] = nn.Parameter(fake, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else fake
+        # a block checkpointed already holds its real module's bound forward: wrapped again on the copy
+        checkpointed = [name for name, module in skeleton.named_modules() if is_checkpointed(module)]
+        for name in checkpointed:
+            del skeleton.get_submodule(name).forward
         fake_model = copy.deepcopy(skeleton, memo)
+        checkpoint_blocks(fake_model, checkpointed)
         modules = dict(fake_model.named_modules())
         for module in modules.values():
             if isinstance(module, ConvertedNorm):
@@ -210,6 +219,11 @@ class ShardedStepSimulation(StepSimulation):
                 "to the module holding all layers too (as Lightning's FSDP2 guide does with the root)."
             )
         return fake_model
+
+    def after_forward_only(self) -> None:
+        """A forward under ``no_grad`` leaves FSDP2's state other than a training step does (measured: a
+        step after it peaks higher): one more unmeasured step brings the steady state back."""
+        self._run_step(None)
 
     def _new_tracker(self) -> MemTracker:
         assert isinstance(self._root, FSDPModule)
