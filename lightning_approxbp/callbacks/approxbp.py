@@ -40,6 +40,10 @@ from lightning_approxbp.memory import (
     plan_checkpointing,
     read_budget,
 )
+from lightning_approxbp.memory.sharded import (
+    plan_sharded_checkpointing,
+    shard_group_size,
+)
 from lightning_approxbp.memory.steps import configured_optimizer, training_step_loss
 from lightning_approxbp.tables import StepTable
 
@@ -125,8 +129,12 @@ class ApproxBP(Callback):
             tensors on the device the model is on at setup (before the move to the accelerator)
             with the optimizer of ``configure_optimizers`` (AdamW if it cannot run there) on the
             whole batch the probe came from. The plan is kept as :attr:`memory_plan` and printed.
-            Not for a model sharded with ``fully_shard`` (the simulation is of one process holding
-            the whole model): that is an error.
+            A model sharded with ``fully_shard`` (built in ``configure_model``) is simulated per rank:
+            FSDP2 itself runs on a fake process group of the shard group's size (the rank's shards,
+            gradients and optimizer state, the all-gather and reduce-scatter buffers, activations of
+            the rank's batch; see :mod:`~lightning_approxbp.memory.sharded`); every rank simulates,
+            rank 0's plan is broadcast and applied on all ranks (checkpointing only: ``offload`` is
+            an error there).
         offload: with ``memory_budget``, let the plan keep a block's saved tensors in (pinned) host
             memory instead of recomputing it, where the transfer is modelled to take less time than
             the recompute: ``True`` (the default rates of
@@ -236,15 +244,18 @@ class ApproxBP(Callback):
 
         Layers built in ``__init__``/``setup`` are converted before, with their real values; when
         ``configure_model`` builds layers, the model is converted (again: what is converted stays
-        as it is) after it, or, if the user called ``convert`` there, only reported.
+        as it is) after it, or, if the user called ``convert`` there, only reported. A memory budget
+        is planned once, after ``configure_model``: for the model as it will train (per rank when it
+        sharded it).
         """
         original = pl_module.configure_model
 
         def convert_around_hook(*args: Any, **kwargs: Any) -> Any:
             _drop_pending(pl_module)
             before = {id(module) for module in pl_module.modules()}
-            if any(True for _ in pl_module.parameters()):
-                self._convert(trainer, pl_module)
+            converted_before = any(True for _ in pl_module.parameters())
+            if converted_before:
+                self._convert(trainer, pl_module, budget=False)
                 before = {id(module) for module in pl_module.modules()}
             output = original(*args, **kwargs)
             built = [m for m in pl_module.modules() if id(m) not in before and any(True for _ in m.parameters(False))]
@@ -253,6 +264,8 @@ class ApproxBP(Callback):
                 rank_zero_info(str(self.report))
             elif built:
                 self._convert(trainer, pl_module)
+            elif converted_before and self._memory_budget is not None:
+                self._fit_budget(trainer, pl_module)
             return output
 
         return convert_around_hook
@@ -262,7 +275,7 @@ class ApproxBP(Callback):
         # a fit that failed before the hook ran must not leave a wrapper that converts in a later `validate`
         _drop_pending(pl_module)
 
-    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule, budget: bool = True) -> None:
         _refuse_sharded(pl_module)
         failure: BaseException | None = None
         for probe, label in self._probes(trainer, pl_module):
@@ -288,17 +301,11 @@ class ApproxBP(Callback):
         self.report = report
         self._converted = weakref.ref(pl_module)
         rank_zero_info(str(report))
-        if self._memory_budget is not None:
+        if budget and self._memory_budget is not None:
             self._fit_budget(trainer, pl_module)
 
     def _fit_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Plan and apply the checkpointing (and offload) that makes the simulated step fit ``memory_budget``."""
-        if sharded_modules(pl_module):
-            raise ValueError(
-                "ApproxBP(memory_budget=...) simulates one process holding the whole model, which does not describe "
-                "a model sharded with fully_shard; drop memory_budget and apply activation checkpointing in "
-                "configure_model (checkpoint_wrapper on the blocks), which ApproxBP converts through."
-            )
         device = trainer.strategy.root_device
         budget = parse_budget(self._memory_budget, device)
         example, step = self._budget_batch(trainer, pl_module)
@@ -307,12 +314,47 @@ class ApproxBP(Callback):
                 "ApproxBP(memory_budget=...) needs one batch to simulate the step: pass example_input, set "
                 "example_input_array, or give the model or datamodule a train_dataloader."
             )
-        self.memory_plan = plan_checkpointing(
-            pl_module, example, budget, step=step, precision=str(trainer.precision),
-            optimizer=configured_optimizer, share=(trainer,), offload=self._offload, device=device,
-        )
+        if sharded_modules(pl_module):
+            self.memory_plan = self._sharded_plan(trainer, pl_module, example, step, budget)
+        else:
+            self.memory_plan = plan_checkpointing(
+                pl_module, example, budget, step=step, precision=str(trainer.precision),
+                optimizer=configured_optimizer, share=(trainer,), offload=self._offload, device=device,
+            )
         apply_plan(pl_module, self.memory_plan)
         rank_zero_info(str(self.memory_plan))
+
+    def _sharded_plan(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, example: Any, step: Any, budget: int
+    ) -> CheckpointPlan:
+        """The plan for one rank of a model sharded with ``fully_shard``: every rank simulates its own shard
+        (all equal in size: FSDP2 pads them to rank 0's), then rank 0's plan, or its error, is broadcast, so
+        every rank applies the same plan (or raises the same error) whatever its own batch was."""
+        if self._offload is not False:
+            raise ValueError(
+                "ApproxBP(memory_budget=..., offload=...) is not supported on a model sharded with fully_shard: "
+                "drop offload (the budget is then met by checkpointing alone)."
+            )
+        share: tuple[object, ...] = (trainer, *([pl_module._device_mesh] if pl_module._device_mesh is not None else []))
+        outcome: tuple[str, Any]
+        try:
+            outcome = ("plan", plan_sharded_checkpointing(
+                pl_module, example, budget, step=step, precision=str(trainer.precision),
+                optimizer=configured_optimizer, share=share,
+            ))
+        except ValueError as error:
+            outcome = ("error", str(error))
+        except Exception as error:  # noqa: BLE001 - every rank must reach the broadcast, or the others hang in it
+            outcome = ("failure", f"{type(error).__name__}: {error}")
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        size = shard_group_size(pl_module)
+        where = f"one rank of the model sharded with fully_shard over {size} rank{'s' if size != 1 else ''}"
+        if outcome[0] == "error":
+            raise ValueError(f"{outcome[1]} (Simulated for {where}.)")
+        if outcome[0] == "failure":
+            raise RuntimeError(f"ApproxBP(memory_budget=...) could not simulate the step of {where}: {outcome[1]}")
+        rank_zero_info(f"ApproxBP: the memory budget is per rank, simulated for {where}.")
+        return outcome[1]
 
     def _budget_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
         """The whole batch to simulate and the step for it (``None`` for a forward)."""

@@ -108,22 +108,21 @@ def format_bytes(value: int) -> str:
     return f"{value} B"
 
 
-class _PeakTracker(MemTracker):
-    """MemTracker that also notes where (phase, innermost module) each new peak is reached.
+class NotesPeak:
+    """Mixin for a MemTracker: also notes where (phase, innermost module) each new peak is reached.
 
     It reads MemTracker's private state (``_peak_mem``, ``_in_opt``, ``_mod_tracker``,
     ``_param_to_grad_hook_handles``; checked against torch 2.13): the public API reports the
-    peak but not where it happened.
+    peak but not where it happened. The class using it sets ``device``, ``phase`` and ``module``.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
-        self.device = device
-        self.phase, self.module = "forward", ""
+    device: torch.device
+    phase: str
+    module: str
 
     def _update_peak_stats(self, peak_state: Any) -> None:
         before = self._peak_mem.get(self.device, 0)
-        super()._update_peak_stats(peak_state)
+        super()._update_peak_stats(peak_state)  # type: ignore[misc]
         if self._peak_mem.get(self.device, 0) > before:
             self.phase = "optimizer step" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
             names = [name for name in self._mod_tracker.parents if name != "Global"]
@@ -143,6 +142,15 @@ class _NoHook:
 
 
 _NO_HOOK = _NoHook()
+
+
+class _PeakTracker(NotesPeak, MemTracker):
+    """MemTracker noting where each new peak is reached (see :class:`NotesPeak`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.phase, self.module = "forward", ""
 
 
 def default_step(module: nn.Module, example_input: Any) -> Tensor:
@@ -216,7 +224,7 @@ class StepSimulation:
             config = convert if isinstance(convert, ConversionConfig) else ConversionConfig()
             source, self.conversion = converted_copy(model, example_input, config, share, step)
         self.mode = new_fake_mode()
-        self.model = fake_copy(source, self.mode, share)
+        self.model = self._fake_model(source, share)
         with self.mode:
             if _TRUE.get(precision) is not None:
                 self.model.to(_TRUE[precision])
@@ -231,6 +239,22 @@ class StepSimulation:
             self.step_fn = step or default_step
         self._measured: dict[tuple[tuple[str, ...], tuple[str, ...]], StepMemoryEstimate] = {}
         self._run_step(None)  # the measured steps find gradients freed and optimizer state allocated
+
+    def _fake_model(self, source: nn.Module, share: tuple[object, ...]) -> nn.Module:
+        """The fake copy the steps run on."""
+        return fake_copy(source, self.mode, share)
+
+    def _new_tracker(self) -> MemTracker:
+        """A tracker for one measured step, tracking the model, optimizer and inputs."""
+        tracker = _PeakTracker(self.device)
+        tracker.skip_frozen(self.model)
+        tracker.track_external(self.model, self.optimizer, self.inputs)
+        return tracker
+
+    def after_forward_only(self) -> None:
+        """Called after a forward without backward on the copy (the planner's FLOP count); nothing to undo here."""
+
+    parts_of: Mapping[str, Any] = _PARTS  # the estimate's parts: name -> the tracker's reference type
 
     def measure(self, checkpointed: tuple[str, ...] = (), offloaded: tuple[str, ...] = ()) -> StepMemoryEstimate:
         """One step's peak, with the blocks named in ``checkpointed`` recomputing their forward
@@ -250,14 +274,12 @@ class StepSimulation:
             checkpointed_blocks(self.model, checkpointed),
             offloaded_blocks(self.model, offloaded, SIMULATED_HOST) as wrappers,
         ):
-            tracker = _PeakTracker(self.device)
-            tracker.skip_frozen(self.model)
-            tracker.track_external(self.model, self.optimizer, self.inputs)
+            tracker = self._new_tracker()
             self._run_step(tracker)
         if not checkpointed and not offloaded:
             self._plain_tracker = tracker
         snapshot = tracker.get_tracker_snapshot("peak").get(self.device, {})
-        parts = {name: int(snapshot.get(kind, 0)) for name, kind in _PARTS.items()}
+        parts = {name: int(snapshot.get(kind, 0)) for name, kind in self.parts_of.items()}
         root = type(self.model).__name__
         module = tracker.module.removeprefix(root).removeprefix(".")
         return StepMemoryEstimate(

@@ -140,10 +140,23 @@ def block_flops(simulation: StepSimulation, names: list[str]) -> tuple[dict[str,
     counter = FlopCounterMode(display=False)
     with simulation.mode, torch.no_grad(), counter, simulation.autocast():
         simulation.step_fn(simulation.model, simulation.inputs)
+    simulation.after_forward_only()
     counts = counter.get_flop_counts()
-    root = type(simulation.model).__name__
-    flops = {name: sum(counts.get(f"{root}.{name}", {}).values()) for name in names}
+    modules = dict(simulation.model.named_modules())
+    flops = {name: sum(counts.get(_counted_name(modules, name, counts), {}).values()) for name in names}
     return flops, sum(counts.get("Global", {}).values())
+
+
+def _counted_name(modules: dict[str, nn.Module], name: str, counts: Any) -> str:
+    """The name FlopCounterMode gave module ``name``: its path from the outermost module the step
+    called, after that module's class name (``Stack.blocks.0`` when a ``training_step`` calls
+    ``self.stack``, ``Lit.stack.blocks.0`` when it calls ``self``); the model's own when none matches."""
+    parts = name.split(".")
+    for cut in range(len(parts)):  # outermost ancestor first
+        prefix, rest = ".".join(parts[:cut]), ".".join(parts[cut:])
+        if prefix in modules and (candidate := f"{type(modules[prefix]).__name__}.{rest}") in counts:
+            return candidate
+    return f"{type(modules['']).__name__}.{name}"
 
 
 def plan_checkpointing(
