@@ -1,8 +1,7 @@
-"""Shared helpers for the benchmark scripts: machine naming, timing, result files."""
+"""Shared helpers for the benchmark scripts: machine naming, timing, child processes."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -15,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine_name(device: torch.device) -> str:
@@ -52,18 +49,6 @@ def median_time_ms(fn: Callable[[], object], device: torch.device, repeats: int,
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
-
-
-def write_results(
-    stem: str, device: torch.device, payload: dict, markdown: str, out_dir: Path = RESULTS_DIR
-) -> tuple[Path, Path]:
-    """Write ``<stem>_<cpu|cuda>.json`` and ``.md`` into ``out_dir`` (default benchmarks/results/)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / f"{stem}_{machine_slug(device)}"
-    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
-    json_path.write_text(json.dumps(payload, indent=1) + "\n")
-    md_path.write_text(markdown)
-    return json_path, md_path
 
 
 @dataclass(frozen=True)

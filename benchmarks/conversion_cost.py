@@ -41,13 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, machine_name, run_child, write_results
+from _common import machine_name, run_child
+from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import section, table
 
 PHASES: tuple[str, ...] = ("collect", "reference probe", "apply", "converted probe", "verify", "block checks")
 TIMEOUT_S = 1800.0
 MiB = 2**20
-RESULT = "RESULT "  # marks the child's JSON line among whatever else it prints
+RESULT = "conversion_cost_cpu"
+CHILD_LINE = "RESULT "  # marks the child's JSON line among whatever else it prints
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,7 @@ def run_case(case: Case) -> dict[str, Any]:
     child = run_child([sys.executable, __file__, "--child", json.dumps(asdict(case))], timeout_s=TIMEOUT_S)
     if child.returncode != 0:
         raise RuntimeError(f"case {case.name} failed ({child.returncode}):\n{child.output[-3000:]}")
-    row = json.loads(next(line for line in child.output.splitlines() if line.startswith(RESULT))[len(RESULT):])
+    row = json.loads(next(line for line in child.output.splitlines() if line.startswith(CHILD_LINE))[len(CHILD_LINE):])
     row["process_max_rss_bytes"] = child.max_rss_bytes
     row["process_wall_s"] = child.wall_s
     return row
@@ -242,7 +244,8 @@ def _seconds(row: dict[str, Any], phase: str) -> str:
     return "-" if entry is None else f"{entry['seconds']:.2f}"
 
 
-def markdown(machine: str, rows: list[dict[str, Any]], load: str) -> str:
+def render(payload: Payload) -> str:
+    machine, rows, load = payload["machine"], payload["results"], payload["load_average"]
     widths = {(r["hidden"], r["intermediate"], r["heads"]) for r in rows}
     lines = [
         "# Conversion cost: setup time and peak host memory of `convert`",
@@ -305,25 +308,16 @@ def markdown(machine: str, rows: list[dict[str, Any]], load: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="toy widths; print, do not write")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
+    parser = arguments(__doc__, "toy widths; print, do not write")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one case, print JSON
     args = parser.parse_args()
     if args.child is not None:
-        print(RESULT + json.dumps(measure(Case(**json.loads(args.child)))))
+        print(CHILD_LINE + json.dumps(measure(Case(**json.loads(args.child)))))
         return
-    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
-
     load = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
     rows = [run_case(case) for case in cases(args.quick)]
-    machine = machine_name(torch.device("cpu"))
-    text = markdown(machine, rows, load)
-    print(text)
-    if out is not None:
-        payload = {"machine": machine, "quick": args.quick, "load_average": load, "results": rows}
-        json_path, md_path = write_results("conversion_cost", torch.device("cpu"), payload, text, out)
-        print(f"wrote {json_path} and {md_path}")
+    payload = {"machine": machine_name(torch.device("cpu")), "quick": args.quick, "load_average": load, "results": rows}
+    publish(RESULT, payload, render, out_folder(args.out, args.quick))
 
 
 if __name__ == "__main__":

@@ -18,15 +18,14 @@ read one-sided: ApproxBP at most 0.5 points worse).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, machine_name, write_results
+from _common import machine_name
+from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import table
 from _harness.targets import TargetRow
 from lightning.pytorch import Trainer, seed_everything
@@ -37,6 +36,7 @@ from lightning_approxbp.recipes.text_classification import (
     TextClassifier,
 )
 
+RESULT = "finetune_parity_cpu"
 METHODS: tuple[str, ...] = ("exact", "approxbp")
 TARGET_POINTS = 0.5
 HPARAMS: dict[str, Any] = {"limit": 1400, "val_fraction": 0.3, "max_length": 32, "batch_size": 32, "lr": 1e-4, "epochs": 2}
@@ -87,7 +87,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def render_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], machine: str, quick: bool) -> str:
+def render(payload: Payload) -> str:
+    rows, summary, machine, quick = (payload[key] for key in ("results", "summary", "machine", "quick"))
     lines = [
         "# Fine-tuning parity: MiniLM-L6 on BBC News headlines",
         "",
@@ -132,12 +133,9 @@ def readme_targets(payload: dict[str, Any] | None) -> list[TargetRow]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 1 training step on 40 headlines")
+    parser = arguments(__doc__, "1 seed, 1 training step on 40 headlines")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
     args = parser.parse_args()
-    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -146,15 +144,9 @@ def main() -> None:
         for method in METHODS:
             rows.append(run(method, seed, args.quick))
             print(f"seed {seed} {method}: val_acc {rows[-1]['val_acc']:.2f}", flush=True)
-    summary = summarise(rows)
-    machine = machine_name(torch.device("cpu"))
-    markdown = render_markdown(rows, summary, machine, args.quick)
-    print(markdown)
-    if out is not None:
-        payload = {"machine": machine, "quick": args.quick, "hparams": HPARAMS, "target_points": TARGET_POINTS,
-                   "summary": summary, "results": rows}
-        write_results("finetune_parity", torch.device("cpu"), payload, markdown, out)
-        print(f"wrote {out}/finetune_parity_cpu.*")
+    payload = {"machine": machine_name(torch.device("cpu")), "quick": args.quick, "hparams": HPARAMS,
+               "target_points": TARGET_POINTS, "summary": summarise(rows), "results": rows}
+    publish(RESULT, payload, render, out_folder(args.out, args.quick))
 
 
 if __name__ == "__main__":

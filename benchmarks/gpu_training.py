@@ -33,7 +33,6 @@ same code at toy sizes on CPU (no peak memory there) so that it cannot rot.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import importlib.util
@@ -42,12 +41,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, machine_name, write_results
+from _common import machine_name, machine_slug
 from _harness.models import LLAMA_7B, TOY_LLAMA
+from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import document, table
 from _harness.targets import TargetRow
 from _harness.variants import CONVERSIONS, enable_checkpointing
@@ -58,6 +57,8 @@ from torch.utils.data import DataLoader
 from lightning_approxbp import ApproxBP
 from lightning_approxbp.plugins.precision import ApproxBPPrecision
 
+# The README's results: a GPU run (a --smoke run on a CPU writes gpu_training_cpu, toy figures).
+RESULT = "gpu_training_cuda"
 PRECISION = "bf16-mixed"
 TARGET_MEMORY_REDUCTION = 0.25  # ViT-B full fine-tuning, approxbp vs baseline
 TARGET_THROUGHPUT = 0.97
@@ -259,7 +260,8 @@ def target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"memory_reduction": r["memory_reduction"], "throughput_ratio": r["throughput_ratio"], "met": met}
 
 
-def render_markdown(rows: list[dict[str, Any]], goal: dict[str, Any] | None, machine: str, smoke: bool) -> str:
+def render(payload: Payload) -> str:
+    rows, goal, machine, smoke = (payload[key] for key in ("results", "target", "machine", "smoke"))
     lines = [
         "# End-to-end Lightning training on GPU",
         "",
@@ -326,17 +328,14 @@ def readme_section(payload: dict[str, Any] | None) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="toy sizes; runs on CPU too")
+    parser = arguments(__doc__, "toy sizes; runs on CPU too", short="smoke")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 3 warm-up steps)")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --smoke)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("gpu_training.py: no CUDA device here; nothing measured. Run it on a GPU machine, or pass --smoke "
               "for a toy CPU run.")
         sys.exit(0)
-    out = args.out if args.out is not None else (None if args.smoke else RESULTS_DIR)
     device = torch.device("cuda" if cuda else "cpu")
     warmup, steps = (0, 1) if args.smoke else (3, args.steps)
 
@@ -351,15 +350,9 @@ def main() -> None:
             rows.append(run_variant(workload, variant, warmup, steps, "gpu" if cuda else "cpu"))
             print(f"{workload.name} / {variant}: {rows[-1].get('error', 'ok')}", flush=True)
     compare(rows)
-    goal = target(rows)
-    machine = machine_name(device)
-    markdown = render_markdown(rows, goal, machine, args.smoke)
-    print(markdown)
-    if out is not None:
-        payload = {"machine": machine, "smoke": args.smoke, "precision": PRECISION, "liger_installed": LIGER_AVAILABLE,
-                   "target": goal, "results": rows}
-        json_path, md_path = write_results("gpu_training", device, payload, markdown, out)
-        print(f"wrote {json_path} and {md_path}")
+    payload = {"machine": machine_name(device), "smoke": args.smoke, "precision": PRECISION,
+               "liger_installed": LIGER_AVAILABLE, "target": target(rows), "results": rows}
+    publish(f"gpu_training_{machine_slug(device)}", payload, render, out_folder(args.out, args.smoke))
 
 
 if __name__ == "__main__":

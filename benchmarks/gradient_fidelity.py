@@ -45,7 +45,6 @@ derivative on those inputs (the quantity the fit minimised, here on this setting
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import re
@@ -53,10 +52,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, machine_name, write_results
+from _common import machine_name
+from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import document, section, table
 from _harness.targets import TargetRow
 from torch import Tensor, nn
@@ -66,6 +65,7 @@ from lightning_approxbp.conversion.walker import SwapLog
 from lightning_approxbp.nn import StepActivation
 from lightning_approxbp.tables import StepTable, get_table
 
+RESULT = "gradient_fidelity_cpu"
 TABLES = [("paper", 2), ("fitted", 1), ("fitted", 2), ("fitted", 4)]
 IN_SAMPLE, HELD_OUT = "in-sample", "held-out"
 FIT_SOURCE = ("0.9 x GELU pre-activations of pretrained MiniLM-L6 on BBC News headline + first paragraph "
@@ -403,7 +403,9 @@ def lm_probe(family: str, data: tuple[Tensor, Tensor, int, str], sizes: Sizes) -
 # ----------------------------------------------------------------------------- report
 
 
-def render_markdown(settings: list[dict], rows: list[dict], machine: str, quick: bool, seconds: float) -> str:
+def render(payload: Payload) -> str:
+    settings, rows, machine, quick, seconds = (payload[k] for k in ("settings", "results", "machine", "quick", "seconds"))
+
     def per_table(key: str, fmt: str) -> list[str]:
         """One row per setting, one column per table: ``key`` of its result row, as ``fmt``."""
         def cell(setting: str, kind: str, bits: int) -> str:
@@ -525,12 +527,7 @@ def readme_section(payload: dict | None) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="8 texts, MiniLM cut to 1 layer, toy LMs trained 3 steps; print, do not write")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
-    args = parser.parse_args()
-    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
+    args = arguments(__doc__, "8 texts, MiniLM cut to 1 layer, toy LMs trained 3 steps; print, do not write").parse_args()
     sizes = QUICK if args.quick else FULL
 
     start = time.perf_counter()
@@ -549,16 +546,9 @@ def main() -> None:
     data = lm_data(sizes)
     for family in ("llama", "gpt2"):
         run(lm_probe(family, data, sizes))
-    seconds = time.perf_counter() - start
-
-    machine = machine_name(torch.device("cpu"))
-    markdown = render_markdown(settings, rows, machine, args.quick, seconds)
-    print(markdown)
-    if out is not None:
-        payload = {"machine": machine, "quick": args.quick, "seconds": seconds, "fit": FIT_SOURCE,
-                   "splits": [IN_SAMPLE, HELD_OUT], "settings": settings, "results": rows}
-        json_path, md_path = write_results("gradient_fidelity", torch.device("cpu"), payload, markdown, out)
-        print(f"wrote {json_path} and {md_path}")
+    payload = {"machine": machine_name(torch.device("cpu")), "quick": args.quick, "seconds": time.perf_counter() - start,
+               "fit": FIT_SOURCE, "splits": [IN_SAMPLE, HELD_OUT], "settings": settings, "results": rows}
+    publish(RESULT, payload, render, out_folder(args.out, args.quick))
 
 
 if __name__ == "__main__":

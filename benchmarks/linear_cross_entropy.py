@@ -40,13 +40,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import RESULTS_DIR, machine_name, write_results
+from _common import machine_name
+from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import document, table
 
 from lightning_approxbp.functional import linear_cross_entropy
 from lightning_approxbp.ops import linear_cross_entropy as lce
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 
+RESULT = "linear_cross_entropy_cpu"
 FULL = {"tokens": 4096, "hidden": 4096, "vocab": 128256}
 QUICK = {"tokens": 512, "hidden": 256, "vocab": 8192}
 HEADS = ("frozen bf16", "trainable fp32")
@@ -168,7 +170,7 @@ def _memory_table(memory: list[dict], factor: int, timing: dict[str, dict] | Non
     return table(header, cells, right_aligned=header[2:])
 
 
-def render(payload: dict) -> str:
+def render(payload: Payload) -> str:
     shape = payload["shape"]
     version = payload.get("commit", "not recorded (before the sliced weight cast of commit f079d51)")
     lines = [
@@ -220,24 +222,22 @@ def _commit() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, 1 round, prints only (or --out DIR)")
+    parser = arguments(__doc__, "small shapes, 1 round, prints only (or --out DIR)")
     parser.add_argument("--scale", type=int, default=1,
                         help="memory only, every dimension divided by this; merged into the results in --out")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per head")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS), help="heads to measure")
     parser.add_argument("--child", nargs=3, metavar=("HEAD", "PATH", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], json.loads(args.child[2]))))
         return
-    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
+    out = out_folder(args.out, args.quick)
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     if args.scale > 1:
-        if out is None or not (out / "linear_cross_entropy_cpu.json").exists():
+        if out is None or not (out / f"{RESULT}.json").exists():
             parser.error("--scale merges into an earlier full run's results: pass --out DIR holding one")
-        payload = json.loads((out / "linear_cross_entropy_cpu.json").read_text())
+        payload = json.loads((out / f"{RESULT}.json").read_text())
         for row in payload["memory"]:  # a run from before the gradients were reported: they follow from the shape
             row.setdefault("gradient_bytes", gradient_bytes(row["head"], payload["shape"]))
         payload["results"] = [{**row, **memory_ratios(payload["memory"], row["head"])} for row in payload["results"]]
@@ -257,10 +257,7 @@ def main() -> None:
                    "commit": _commit(), "load_before": load_before,
                    "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
                    "targets": TARGETS, "memory": memory, "time": timing, "results": results}
-    markdown = render(payload)
-    print(markdown)
-    if out is not None:
-        write_results("linear_cross_entropy", torch.device("cpu"), payload, markdown, out)
+    publish(RESULT, payload, render, out)
 
 
 if __name__ == "__main__":

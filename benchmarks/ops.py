@@ -5,7 +5,7 @@ effective memory bandwidth against this device's measured copy bandwidth, and th
 for backward per element. Writes benchmarks/results/ops_<cpu|cuda>.{json,md}.
 
     python benchmarks/ops.py            # full sizes
-    python benchmarks/ops.py --quick    # small sizes (CI keeps the script from rotting)
+    python benchmarks/ops.py --quick    # small sizes (CI keeps the script from rotting), prints only (or --out DIR)
 
 On CPU the PyTorch path runs (several passes over memory, no fusion): its ratios tell what a
 CPU user pays, not what the Triton kernels achieve; run on a GPU for those.
@@ -13,12 +13,12 @@ CPU user pays, not what the Triton kernels achieve; run on a GPU for those.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from _common import machine_name, median_time_ms, write_results
+from _common import machine_name, machine_slug, median_time_ms
+from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import document, table
 
 from lightning_approxbp import functional as AF
@@ -142,7 +142,8 @@ def _fraction(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
-def to_markdown(results: list[OpResult], machine: str, quick: bool) -> str:
+def render(payload: Payload) -> str:
+    machine, quick, results = payload["machine"], payload["quick"], [OpResult(**r) for r in payload["results"]]
     lines = [
         "# Op benchmark",
         "",
@@ -161,8 +162,7 @@ def to_markdown(results: list[OpResult], machine: str, quick: bool) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats")
+    parser = arguments(__doc__, "small sizes and few repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -170,15 +170,8 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows, cols, repeats = (256, 1024, 5) if args.quick else (8192, 4096, 20) if device.type == "cuda" else (2048, 1024, 10)
     results = run(device, dtype, rows, cols, repeats)
-    machine = machine_name(device)
-    markdown = to_markdown(results, machine, args.quick)
-    payload = {"machine": machine, "quick": args.quick, "results": [asdict(r) for r in results]}
-    if args.quick:
-        print(markdown)
-        return
-    json_path, md_path = write_results("ops", device, payload, markdown)
-    print(markdown)
-    print(f"wrote {json_path} and {md_path}")
+    payload = {"machine": machine_name(device), "quick": args.quick, "results": [asdict(r) for r in results]}
+    publish(f"ops_{machine_slug(device)}", payload, render, out_folder(args.out, args.quick))
 
 
 if __name__ == "__main__":
