@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: machine naming, timing, child processes."""
+"""Shared helpers for the benchmark scripts: the machine, its load and memory, timing, child processes."""
 
 from __future__ import annotations
 
@@ -20,15 +20,35 @@ def machine_name(device: torch.device) -> str:
     """Human-readable name of the device that produced the numbers."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpuinfo("model name") or platform.processor() or platform.machine()
     return f"CPU: {model}, {torch.get_num_threads()} threads"
+
+
+def cpuinfo(field: str) -> str | None:
+    """The first ``field`` of ``/proc/cpuinfo`` (``None`` where there is none: not Linux, or no such field)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(field)), None)
+
+
+def load_average(separator: str = " ") -> str:
+    """The 1, 5 and 15-minute load averages as ``/proc/loadavg`` states them: how busy the machine was."""
+    return separator.join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: peak) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux >= 4.0: ``VmHWM`` restarts from the current RSS)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def machine_slug(device: torch.device) -> str:

@@ -37,11 +37,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import machine_name, run_child
+from _common import (
+    load_average,
+    machine_name,
+    proc_status_bytes,
+    reset_peak_rss,
+    run_child,
+)
 from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import section, table
 
@@ -90,19 +95,6 @@ def cases(quick: bool) -> list[Case]:
 
 
 # ---------------------------------------------------------------------------------------------- child
-def _proc_status_bytes(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: peak) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak() -> None:
-    """Start a new peak-RSS window (Linux >= 4.0: ``VmHWM`` restarts from the current RSS)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def _rss_after_trim() -> int:
     """RSS once freed memory is handed back to the OS: what live objects still hold.
 
@@ -111,7 +103,7 @@ def _rss_after_trim() -> int:
     """
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return _proc_status_bytes("VmRSS")
+    return proc_status_bytes("VmRSS")
 
 
 @contextmanager
@@ -132,7 +124,7 @@ def timed_phases(record: dict[str, dict[str, float]]) -> Iterator[None]:
                 return original(*args, **kwargs)
             phase = name()
             running.append(phase)
-            _reset_peak()
+            reset_peak_rss()
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
@@ -140,7 +132,7 @@ def timed_phases(record: dict[str, dict[str, float]]) -> Iterator[None]:
                 running.pop()
                 entry = record.setdefault(phase, {"seconds": 0.0, "peak_rss_bytes": 0})
                 entry["seconds"] += time.perf_counter() - start
-                entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], _proc_status_bytes("VmHWM"))
+                entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], proc_status_bytes("VmHWM"))
 
         return measured
 
@@ -202,8 +194,8 @@ def measure(case: Case) -> dict[str, Any]:
         ids = torch.randint(case.vocab, (case.samples, case.tokens), generator=torch.Generator().manual_seed(0))
         probe = {"input_ids": ids, "labels": ids}
     phases: dict[str, dict[str, float]] = {}
-    row["rss_before_bytes"] = _proc_status_bytes("VmRSS")
-    _reset_peak()
+    row["rss_before_bytes"] = proc_status_bytes("VmRSS")
+    reset_peak_rss()
     start = time.perf_counter()
     try:
         with timed_phases(phases):
@@ -212,9 +204,9 @@ def measure(case: Case) -> dict[str, Any]:
         row["error"] = f"{type(error).__name__}: {error}"
         return row
     row["convert_s"] = time.perf_counter() - start
-    row["peak_rss_bytes"] = max([_proc_status_bytes("VmHWM"), *(p["peak_rss_bytes"] for p in phases.values())])
+    row["peak_rss_bytes"] = max([proc_status_bytes("VmHWM"), *(p["peak_rss_bytes"] for p in phases.values())])
     row["state_dict_keys_unchanged"] = list(model.state_dict()) == keys
-    row["rss_after_bytes"] = _proc_status_bytes("VmRSS")
+    row["rss_after_bytes"] = proc_status_bytes("VmRSS")
     row["rss_after_trim_bytes"] = _rss_after_trim()
     row["phases"] = phases
     row["converted_modules"] = len(report.converted)
@@ -314,7 +306,7 @@ def main() -> None:
     if args.child is not None:
         print(CHILD_LINE + json.dumps(measure(Case(**json.loads(args.child)))))
         return
-    load = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load = load_average(" / ")
     rows = [run_case(case) for case in cases(args.quick)]
     payload = {"machine": machine_name(torch.device("cpu")), "quick": args.quick, "load_average": load, "results": rows}
     publish(RESULT, payload, render, out_folder(args.out, args.quick))

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import machine_name
+from _common import load_average, machine_name, proc_status_bytes, reset_peak_rss
 from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import document, table
 
@@ -74,13 +74,6 @@ def step(path: str, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     loss.backward()
 
 
-def _proc_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def scaled_shape(scale: int, head: str) -> dict[str, int]:
     """``FULL`` with every dimension divided by ``scale``, and the fused op's full-size chunk too."""
     chunk = lce.default_chunk_size(FULL["tokens"], FULL["vocab"], weight_trains=head == "trainable fp32")
@@ -103,12 +96,12 @@ def child(head: str, path: str, shape: dict[str, int]) -> dict:
             linear_cross_entropy(x, weight, target, chunk_size=chunk)
         else:
             F.cross_entropy(F.linear(x, weight).float(), target)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    before = _proc_kib("VmRSS")
+    reset_peak_rss()
+    before = proc_status_bytes("VmRSS")
     start = time.perf_counter()
     step(path, x, weight, target, chunk)
     seconds = time.perf_counter() - start
-    return {"head": head, "path": path, "peak_rss_delta_bytes": (_proc_kib("VmHWM") - before) * 1024,
+    return {"head": head, "path": path, "peak_rss_delta_bytes": proc_status_bytes("VmHWM") - before,
             "saved_bytes": counter.stats.activation_bytes, "step_s": seconds}
 
 
@@ -233,7 +226,7 @@ def main() -> None:
         print(json.dumps(child(args.child[0], args.child[1], json.loads(args.child[2]))))
         return
     out = out_folder(args.out, args.quick)
-    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_before = load_average()
     if args.scale > 1:
         if out is None or not (out / f"{RESULT}.json").exists():
             parser.error("--scale merges into an earlier full run's results: pass --out DIR holding one")
@@ -255,7 +248,7 @@ def main() -> None:
                    for row in timing]
         payload = {"machine": machine_name(torch.device("cpu")), "quick": args.quick, "shape": shape,
                    "commit": _commit(), "load_before": load_before,
-                   "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+                   "load_after": load_average(),
                    "targets": TARGETS, "memory": memory, "time": timing, "results": results}
     publish(RESULT, payload, render, out)
 

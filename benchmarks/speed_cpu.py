@@ -36,11 +36,10 @@ import copy
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import machine_name
+from _common import cpuinfo, machine_name
 from _harness.models import TOY_ENCODER, TOY_LLAMA
 from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import document, table
@@ -61,13 +60,7 @@ LLAMA_WIDTH = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_he
 
 def cpu_capability() -> dict[str, Any]:
     """What decides bf16 speed on this CPU: torch's vector ISA and the native bf16 flags."""
-    try:
-        flags = next(
-            line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        flags = []
+    flags = (cpuinfo("flags") or "").split()
     return {
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "avx512_bf16": "avx512_bf16" in flags,
