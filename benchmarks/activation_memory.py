@@ -86,7 +86,7 @@ import _liger
 import _lm_head
 from _common import machine_name
 from _harness.records import Payload, arguments, out_folder, publish
-from _harness.models import TOY_ENCODER
+from _harness.models import LLAMA_7B, TOY_ENCODER, TOY_LLAMA
 from _harness.render import document, section, table
 from _harness.targets import TargetRow
 from _harness.variants import CONVERSIONS, dropout_as_on_cuda, enable_checkpointing
@@ -148,11 +148,8 @@ def _configs(quick: bool) -> dict[str, tuple[Any, type, str]]:
 
     small = TOY_ENCODER if quick else {}
 
-    def llama_like(cls: type, hidden: int, inter: int, heads: int, kv: int) -> Any:
-        if quick:
-            hidden, inter, heads, kv = 64, 176, 4, max(1, 4 * kv // heads)
-        return cls(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
-                   num_hidden_layers=2, vocab_size=VOCAB)
+    def llama_like(cls: type, width: dict[str, int]) -> Any:
+        return cls(num_hidden_layers=2, vocab_size=VOCAB, **(TOY_LLAMA if quick else width))
 
     configs = {
         "ViT-B/16": (tf.ViTConfig(num_hidden_layers=2, image_size=64 if quick else 224, **small), tf.ViTModel, "vit"),
@@ -160,9 +157,12 @@ def _configs(quick: bool) -> dict[str, tuple[Any, type, str]]:
         "RoBERTa-base": (tf.RobertaConfig(num_hidden_layers=2, vocab_size=VOCAB, **small), tf.RobertaModel, "bert"),
         "GPT-2": (tf.GPT2Config(n_layer=2, vocab_size=VOCAB, **({"n_embd": 64, "n_head": 4} if quick else {})),
                   tf.GPT2Model, "gpt2"),
-        "LLaMA-7B-shaped": (llama_like(tf.LlamaConfig, 4096, 11008, 32, 32), tf.LlamaModel, "llama"),
-        "Mistral-7B-shaped": (llama_like(tf.MistralConfig, 4096, 14336, 32, 8), tf.MistralModel, "llama"),
-        "Qwen2-7B-shaped": (llama_like(tf.Qwen2Config, 3584, 18944, 28, 4), tf.Qwen2Model, "llama"),
+        "LLaMA-7B-shaped": (llama_like(tf.LlamaConfig, LLAMA_7B), tf.LlamaModel, "llama"),
+        "Mistral-7B-shaped": (llama_like(tf.MistralConfig, {**LLAMA_7B, "intermediate_size": 14336, "num_key_value_heads": 8}),
+                              tf.MistralModel, "llama"),
+        "Qwen2-7B-shaped": (llama_like(tf.Qwen2Config, {"hidden_size": 3584, "intermediate_size": 18944,
+                                                        "num_attention_heads": 28, "num_key_value_heads": 4}),
+                            tf.Qwen2Model, "llama"),
     }
     if quick:
         return {name: configs[name] for name in ("ViT-B/16", "BERT-base", "LLaMA-7B-shaped")}
