@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from _harness.records import RESULTS_DIR, Payload, publish
-from _harness.render import document, table
+from _harness.render import document, fill_markers, table
 
 RESULT = "kernel_compile"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "ops.md"
@@ -73,13 +73,6 @@ def render(payload: Payload) -> str:
     ])
 
 
-def with_summary(document: str, table: str) -> str:
-    """``document`` with the text between the kernel-table markers replaced by ``table``."""
-    head, rest = document.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table}{END}{tail}"
-
-
 def compile_payload(arches: tuple[int, ...]) -> Payload:
     os.environ.pop("TRITON_INTERPRET", None)
     import time
@@ -109,8 +102,8 @@ def main() -> None:
     args = parser.parse_args()
     payload = json.loads(args.from_json.read_text()) if args.from_json else compile_payload((80, 90))
     publish(RESULT, payload, render, args.out)
-    DOCS.write_text(with_summary(DOCS.read_text(), summary_table(payload)))
-    print(f"wrote the table in {DOCS}")
+    if fill_markers(DOCS, BEGIN, END, summary_table(payload)):
+        print(f"wrote the table in {DOCS}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import ModuleType
 
 import activation_memory
 import finetune_parity
@@ -24,7 +25,8 @@ import gradient_fidelity
 import main_job
 import main_job_memory
 import speed_cpu
-from _harness.records import RESULTS_DIR, load_full_run
+from _harness.records import RESULTS_DIR, Payload, load_full_run
+from _harness.render import fill_markers
 from _harness.targets import target_table
 
 OUTPUT = RESULTS_DIR / "README_results.md"
@@ -37,7 +39,7 @@ WITH_TARGETS = (activation_memory, main_job_memory, main_job, gradient_fidelity,
 
 def build(results: Path = RESULTS_DIR, root: str = "") -> str:
     """The results section; ``root`` is the path from the including document to the repository root."""
-    def payload(benchmark) -> dict | None:
+    def payload(benchmark: ModuleType) -> Payload | None:
         return load_full_run(results, benchmark.RESULT)
 
     lines = [
@@ -68,18 +70,8 @@ def main() -> None:
     print(f"wrote {OUTPUT}")
     for document, root in ((README, ""), (DOCS, "../")):
         body = build(args.results, root=root).replace("## Results\n", "", 1).strip()
-        if fill_markers(document, body):
+        if fill_markers(document, DOCS_BEGIN, DOCS_END, f"{body}\n"):
             print(f"updated {document}")
-
-
-def fill_markers(document: Path, body: str) -> bool:
-    """Replace the text between the generated-results markers of ``document``, if it has them."""
-    if not document.exists() or DOCS_BEGIN not in (text := document.read_text()):
-        return False
-    head, _, rest = text.partition(DOCS_BEGIN)
-    _, _, tail = rest.partition(DOCS_END)
-    document.write_text(f"{head}{DOCS_BEGIN}\n{body}\n{DOCS_END}{tail}")
-    return True
 
 
 if __name__ == "__main__":

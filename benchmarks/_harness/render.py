@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -36,3 +37,13 @@ def section(title: str, *paragraphs: str) -> list[str]:
 def document(lines: Iterable[str]) -> str:
     """Lines joined into one file's text, ending in exactly one newline."""
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def fill_markers(path: Path, begin: str, end: str, body: str) -> bool:
+    """Replace the text between the ``begin`` and ``end`` markers of the file at ``path``, if it has them."""
+    if not path.exists() or begin not in (text := path.read_text()):
+        return False
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{body}{end}{tail}")
+    return True
