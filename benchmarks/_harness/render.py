@@ -39,11 +39,16 @@ def document(lines: Iterable[str]) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def with_markers(text: str, begin: str, end: str, body: str) -> str:
+    """``text`` with what lies between its ``begin`` and ``end`` markers replaced by ``body``."""
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{body}{end}{tail}"
+
+
 def fill_markers(path: Path, begin: str, end: str, body: str) -> bool:
     """Replace the text between the ``begin`` and ``end`` markers of the file at ``path``, if it has them."""
     if not path.exists() or begin not in (text := path.read_text()):
         return False
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{begin}\n{body}{end}{tail}")
+    path.write_text(with_markers(text, begin, end, body))
     return True
