@@ -104,33 +104,18 @@ class RepeatedBatch(LightningDataModule):
         return DataLoader([self.batch] * self.length, batch_size=None)
 
 
-class ViTModule(LightningModule):
-    """Image classification, full fine-tuning, AdamW."""
+class TrainingModule(LightningModule):
+    """The model's own loss on a batch of its keyword inputs; AdamW on the trainable parameters (LoRA: the adapters)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, lr: float) -> None:
         super().__init__()
-        self.model = model
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        return nn.functional.cross_entropy(self.model(pixel_values=images).logits, labels)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-5)
-
-
-class CausalLMModule(LightningModule):
-    """Causal language modelling on the trainable (LoRA) parameters, AdamW."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+        self.model, self.lr = model, lr
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        return self.model(**batch).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
 @dataclass
@@ -154,10 +139,11 @@ def vit_workload(smoke: bool) -> Workload:
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     base = ViTForImageClassification(config)
-    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
+    inputs = {"pixel_values": torch.randn(batch, 3, size, size), "labels": torch.randint(0, 100, (batch,))}
     tokens = batch * ((size // config.patch_size) ** 2 + 1)
     variants = ["baseline", "approxbp", "approxbp-keep", "checkpoint"]
-    return Workload("ViT-B/16 full fine-tuning", lambda: ViTModule(copy.deepcopy(base)), (images, labels), batch, tokens, variants)
+    build = lambda: TrainingModule(copy.deepcopy(base), lr=1e-5)  # noqa: E731
+    return Workload("ViT-B/16 full fine-tuning", build, inputs, batch, tokens, variants)
 
 
 def llama_lora_workload(smoke: bool) -> Workload:
@@ -177,12 +163,12 @@ def llama_lora_workload(smoke: bool) -> Workload:
 
     def build() -> LightningModule:
         torch.manual_seed(0)
-        return CausalLMModule(get_peft_model(LlamaForCausalLM(config), lora))
+        return TrainingModule(get_peft_model(LlamaForCausalLM(config), lora), lr=1e-4)
 
     input_ids = torch.randint(0, config.vocab_size, (batch, seq))
     variants = ["baseline", "approxbp", "checkpoint"] + (["liger"] if LIGER_AVAILABLE else [])
     name = f"LLaMA-7B-shaped LoRA ({config.num_hidden_layers} layers)"
-    return Workload(name, build, {"input_ids": input_ids}, batch, batch * seq, variants)
+    return Workload(name, build, {"input_ids": input_ids, "labels": input_ids}, batch, batch * seq, variants)
 
 
 def configure(module: LightningModule, variant: str) -> tuple[list[Callback], Any]:
@@ -195,7 +181,7 @@ def configure(module: LightningModule, variant: str) -> tuple[list[Callback], An
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False, model=getattr(inner, "model", inner))
-    if variant == "approxbp" and isinstance(module, CausalLMModule):
+    if variant == "approxbp" and not all(p.requires_grad for p in module.parameters()):  # LoRA: frozen weights in bf16
         return [ApproxBP()], ApproxBPPrecision(PRECISION)
     if variant == "approxbp":
         return [ApproxBP()], PRECISION
