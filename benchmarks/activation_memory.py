@@ -87,7 +87,7 @@ import _lm_head
 from _common import machine_name
 from _harness.records import Payload, arguments, out_folder, publish
 from _harness.models import LLAMA_7B, TOY_ENCODER, TOY_LLAMA
-from _harness.render import document, section, table
+from _harness.render import document, pivot, section, table
 from _harness.targets import TargetRow
 from _harness.variants import CONVERSIONS, dropout_as_on_cuda, enable_checkpointing
 
@@ -474,16 +474,10 @@ VIEW_TITLES = {"cpu": "attention as run on this CPU", "gpu": "GPU attention path
 
 def _variant_table(selected: list[dict[str, Any]], title: str) -> list[str]:
     """One table: a row per model, a column per variant ('-' where a variant does not apply)."""
-    table_rows = []
-    for model in dict.fromkeys(r["model"] for r in selected):
-        by_variant = {r["variant"]: r for r in selected if r["model"] == model}
-        cells = [
-            f"{by_variant[v]['bytes_per_token'] / 1024:.1f} KiB = {by_variant[v]['bytes_per_token_over_d']:.1f}d "
-            f"({by_variant[v]['ratio']:.0%})" if v in by_variant else "-"
-            for v in VARIANTS
-        ]
-        copies = by_variant["baseline"]["autocast_weight_copy_bytes"] / 2**20
-        table_rows.append([model, by_variant["baseline"]["hidden"], *cells, f"{copies:.1f}"])
+    cells = pivot(selected, ("model",), ("variant",), VARIANTS,
+                  lambda r: f"{r['bytes_per_token'] / 1024:.1f} KiB = {r['bytes_per_token_over_d']:.1f}d ({r['ratio']:.0%})")
+    table_rows = [[base["model"], base["hidden"], *row, f"{base['autocast_weight_copy_bytes'] / 2**20:.1f}"]
+                  for base, row in cells]  # base: the baseline, measured first
     return [*section(title), *table(["model", "d", *VARIANTS, "autocast weight copies (MiB/block)"], table_rows), ""]
 
 
@@ -523,12 +517,8 @@ def readme_section(payload: dict[str, Any] | None, root: str) -> list[str]:
         if not rows:
             continue
         variants = list(dict.fromkeys(r["variant"] for r in rows))
-        table_rows = []
-        for model in dict.fromkeys(r["model"] for r in rows):
-            cells = {r["variant"]: r for r in rows if r["model"] == model}
-            table_rows.append([model, cells["baseline"]["hidden"], *(
-                f"{cells[v]['bytes_per_token_over_d']:.1f}d ({cells[v]['ratio']:.0%})" if v in cells else "-"
-                for v in variants)])
+        table_rows = [[base["model"], base["hidden"], *cells] for base, cells in pivot(
+            rows, ("model",), ("variant",), variants, lambda r: f"{r['bytes_per_token_over_d']:.1f}d ({r['ratio']:.0%})")]
         lines += [f"{title}:", "", *table(["model", "d", *variants], table_rows), ""]
     return [*lines, f"![activation memory]({root}benchmarks/results/activation_memory_cpu.png)", ""]
 

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from _common import machine_name
 from _harness.records import Payload, arguments, out_folder, publish
-from _harness.render import document, generated_by, section, table
+from _harness.render import document, generated_by, pivot, section, table
 from _harness.targets import TargetRow
 from torch import Tensor, nn
 
@@ -408,12 +408,9 @@ def render(payload: Payload) -> str:
 
     def per_table(key: str, fmt: str) -> list[str]:
         """One row per setting, one column per table: ``key`` of its result row, as ``fmt``."""
-        def cell(setting: str, kind: str, bits: int) -> str:
-            match = [r for r in rows if r["setting"] == setting and r["table"] == kind and r["bits"] == bits]
-            return format(match[0][key], fmt) if match else "-"
-
         return table(["setting", "split", *(f"{k} {b}-bit" for k, b in TABLES)],
-                     [[s["setting"], s["split"], *(cell(s["setting"], k, b) for k, b in TABLES)] for s in settings])
+                     [[first["setting"], first["split"], *cells] for first, cells in
+                      pivot(rows, ("setting",), ("table", "bits"), TABLES, lambda r: format(r[key], fmt))])
 
     lines = [
         "# Gradient fidelity: in-sample and held out",
@@ -501,14 +498,11 @@ def readme_section(payload: dict | None) -> list[str]:
     """Gradient fidelity per setting and table, in-sample and held-out rows kept apart and labelled."""
     if payload is None or "settings" not in payload:
         return []
-    rows = []
-    for split in (IN_SAMPLE, HELD_OUT):
-        for setting in (s for s in payload["settings"] if s["split"] == split):
-            cells = []
-            for kind, bits in TABLES:
-                row = result_row(payload, setting["setting"], kind, bits)
-                cells.append(f"{row['cosine']:.4f} / {row['relative_error']:.3f}" if row else "-")
-            rows.append([split, setting["short"], *cells])
+    short = {s["setting"]: s["short"] for s in payload["settings"]}
+    cells = pivot(payload["results"], ("setting",), ("table", "bits"), TABLES,
+                  lambda r: f"{r['cosine']:.4f} / {r['relative_error']:.3f}")
+    rows = [[split, short[first["setting"]], *row] for split in (IN_SAMPLE, HELD_OUT) for first, row in cells
+            if first["split"] == split]
     header = ["split", "setting", *(f"{k} {b}-bit" + (" (default)" if (k, b) == ("fitted", 2) else "") for k, b in TABLES)]
     return [
         f"### Gradient fidelity, in-sample vs held out ({payload['machine']}, fp32)",

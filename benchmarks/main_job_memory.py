@@ -36,7 +36,7 @@ from lightning_approxbp.saved_tensors import SavedTensorCounter
 import _gpu_attention
 from _common import machine_name
 from _harness.records import Payload, arguments, out_folder, publish
-from _harness.render import document, table
+from _harness.render import document, pivot, table
 from _harness.targets import TargetRow
 from _harness.variants import CONVERSIONS, dropout_as_on_cuda
 
@@ -90,11 +90,9 @@ def measure(limit: int | None) -> list[dict[str, Any]]:
 
 
 def render(payload: Payload) -> str:
-    rows, table_rows = payload["results"], []
-    for precision, view in SETTINGS:
-        cells = {r["variant"]: r for r in rows if r["precision"] == precision and r["attention"] == view}
-        table_rows.append([precision, view, f"{cells['baseline']['bytes'] / 2**20:.1f}",
-                           *(f"{cells[v]['bytes'] / 2**20:.1f} ({cells[v]['change']:+.1%})" for v in ("paper", "default"))])
+    table_rows = [[base["precision"], base["attention"], f"{base['bytes'] / 2**20:.1f}", *cells] for base, cells in pivot(
+        payload["results"], ("precision", "attention"), ("variant",), VARIANTS[1:],
+        lambda r: f"{r['bytes'] / 2**20:.1f} ({r['change']:+.1%})")]  # base: the baseline, measured first
     return document([
         "# The main job: bytes saved for backward per training step",
         "",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,16 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]], right_aligned
 
 def _row_line(cells: Sequence[object]) -> str:
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def pivot(records: Iterable[Mapping[str, Any]], row: Sequence[str], column: Sequence[str], columns: Sequence[Any],
+          cell: Callable[[Mapping[str, Any]], str], missing: str = "-") -> list[tuple[Mapping[str, Any], list[str]]]:
+    """One table row per value of the ``row`` fields, in the order the records give them: the row's first record,
+    and per entry of ``columns`` the ``cell`` of its record with that value of the ``column`` fields (or ``missing``)."""
+    row_of, column_of, groups = itemgetter(*row), itemgetter(*column), {}
+    for record in records:
+        groups.setdefault(row_of(record), {}).setdefault(column_of(record), record)
+    return [(next(iter(by.values())), [cell(by[c]) if c in by else missing for c in columns]) for by in groups.values()]
 
 
 def generated_by(payload: Mapping[str, Any], script: str, short: str = "quick") -> str:
