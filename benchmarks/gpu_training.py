@@ -246,6 +246,17 @@ def target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"memory_reduction": r["memory_reduction"], "throughput_ratio": r["throughput_ratio"], "met": met}
 
 
+def _cells(r: dict[str, Any]) -> list[str]:
+    """A variant's cells: workload, variant, peak GiB, vs baseline, samples/s, throughput vs baseline, note (or error)."""
+    if "error" in r:
+        return [r["workload"], r["variant"], "-", "-", "-", "-", r["error"]]
+    peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] is not None else "n/a"
+    reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
+    ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
+    note = f"{r['converted_modules']} modules converted" if "converted_modules" in r else ""
+    return [r["workload"], r["variant"], peak, reduction, f"{r['samples_per_s']:.1f}", ratio, note]
+
+
 def render(payload: Payload) -> str:
     rows, goal = payload["results"], payload["target"]
     lines = [
@@ -257,18 +268,8 @@ def render(payload: Payload) -> str:
         f"median step time. Liger-Kernel: {'installed' if LIGER_AVAILABLE else 'not installed (variant not run)'}.",
         "",
     ]
-    cells = []
-    for r in rows:
-        if "error" in r:
-            cells.append([r["workload"], r["variant"], "-", "-", "-", "-", r["error"]])
-            continue
-        peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] is not None else "n/a"
-        reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
-        ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
-        note = f"{r['converted_modules']} modules converted" if "converted_modules" in r else ""
-        cells.append([r["workload"], r["variant"], peak, reduction, f"{r['samples_per_s']:.1f}", ratio, note])
     lines += table(["workload", "variant", "peak memory (GiB)", "vs baseline", "samples/s", "throughput vs baseline",
-                    "note"], cells)
+                    "note"], [_cells(r) for r in rows])
     if goal is not None:
         lines += [
             "",
@@ -294,15 +295,8 @@ def readme_targets(payload: dict[str, Any] | None) -> list[TargetRow]:
 def readme_section(payload: dict[str, Any] | None) -> list[str]:
     if payload is None:
         return ["### GPU training", "", "Not measured yet: `python benchmarks/gpu_training.py` needs a CUDA device.", ""]
-    rows = []
-    for r in payload["results"]:
-        if "error" in r:
-            rows.append([r["workload"], r["variant"], r["error"], "", "", ""])
-            continue
-        reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
-        ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
-        rows.append([r["workload"], r["variant"], f"{r['peak_bytes'] / 2**30:.2f}", reduction, f"{r['samples_per_s']:.1f}",
-                     ratio])
+    rows = [[r["workload"], r["variant"], r["error"], "", "", ""] if "error" in r else _cells(r)[:6]
+            for r in payload["results"]]
     lines = [
         f"### GPU training ({payload['machine']}, {payload['precision']})",
         "",
