@@ -138,10 +138,6 @@ def measured_block(model: nn.Module) -> nn.Module:
     return next(m for m in model.modules() if isinstance(m, nn.ModuleList))[1]
 
 
-def _text_inputs(seq: int, low: int = 0) -> dict[str, Tensor]:
-    return {"input_ids": torch.randint(low, VOCAB, (1, seq))}
-
-
 def _configs(quick: bool) -> dict[str, tuple[Any, type, str]]:
     """Model name -> (config, model class, family), at true width (toy width with ``quick``)."""
     import transformers as tf
@@ -169,10 +165,6 @@ def _configs(quick: bool) -> dict[str, tuple[Any, type, str]]:
     return configs
 
 
-def model_names(quick: bool) -> list[str]:
-    return list(_configs(quick))
-
-
 def build_workload(name: str, quick: bool) -> Workload:
     """One model, seeded, in train mode, with its input batch."""
     config, cls, family = _configs(quick)[name]
@@ -188,7 +180,7 @@ def build_workload(name: str, quick: bool) -> Workload:
     else:
         # RoBERTa's padding id is 1: keep it out of the batch so no position is masked.
         seq = 48 if quick else 256
-        inputs, tokens = _text_inputs(seq, low=2), seq
+        inputs, tokens = {"input_ids": torch.randint(2, VOCAB, (1, seq))}, seq
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     return Workload(name, model, inputs, tokens, hidden, family)
 
@@ -604,7 +596,7 @@ def main() -> None:
         rows, targets, machine, quick = kept["results"], kept["targets"], kept["machine"], kept["quick"]
     else:
         precisions = ("bf16-mixed",) if args.quick else PRECISIONS
-        names = model_names(args.quick)
+        names = list(_configs(args.quick))
         rows = []
         if args.quick:
             for name in names:

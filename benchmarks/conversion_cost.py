@@ -231,11 +231,6 @@ def run_case(case: Case) -> dict[str, Any]:
     return row
 
 
-def _seconds(row: dict[str, Any], phase: str) -> str:
-    entry = row["phases"].get(phase)
-    return "-" if entry is None else f"{entry['seconds']:.2f}"
-
-
 def render(payload: Payload) -> str:
     machine, rows, load = payload["machine"], payload["results"], payload["load_average"]
     widths = {(r["hidden"], r["intermediate"], r["heads"]) for r in rows}
@@ -253,7 +248,8 @@ def render(payload: Payload) -> str:
     for row in done:
         probe = f"{row['samples']} x {row['tokens']}" if row["probe"] else "none"
         other = row["convert_s"] - sum(p["seconds"] for p in row["phases"].values())
-        times.append([row["name"], f"{row['parameters'] / 1e6:,.1f} M", probe, *(_seconds(row, p) for p in PHASES),
+        times.append([row["name"], f"{row['parameters'] / 1e6:,.1f} M", probe,
+                      *("-" if p not in row["phases"] else f"{row['phases'][p]['seconds']:.2f}" for p in PHASES),
                       f"{other:.2f}", f"{row['convert_s']:.2f}", row["fused_gated_mlps"], row["converted_norms"]])
         base = row["rss_before_bytes"]
         memory.append([

@@ -64,14 +64,17 @@ def inputs(head: str, tokens: int, hidden: int, vocab: int) -> tuple[torch.Tenso
     return x, weight, torch.randint(0, vocab, (tokens,))
 
 
-def step(path: str, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int | None = None) -> None:
-    x.grad = weight.grad = None
+def loss(path: str, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """The head and loss forward, under bf16 autocast: fused, or as a model computes it."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if path == "fused":
-            loss = linear_cross_entropy(x, weight, target, chunk_size=chunk)
-        else:
-            loss = F.cross_entropy(F.linear(x, weight).float(), target)
-    loss.backward()
+            return linear_cross_entropy(x, weight, target, chunk_size=chunk)
+        return F.cross_entropy(F.linear(x, weight).float(), target)
+
+
+def step(path: str, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int | None = None) -> None:
+    x.grad = weight.grad = None
+    loss(path, x, weight, target, chunk).backward()
 
 
 def scaled_shape(scale: int, head: str) -> dict[str, int]:
@@ -91,11 +94,8 @@ def child(head: str, path: str, shape: dict[str, int]) -> dict:
     scale, chunk = shape.pop("scale", 1), shape.pop("chunk", None)
     lce._SLICE_BYTES //= scale**2  # slices of the same share of the weight as at full size
     x, weight, target = inputs(head, **shape)
-    with SavedTensorCounter(exclude=[weight]) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
-        if path == "fused":
-            linear_cross_entropy(x, weight, target, chunk_size=chunk)
-        else:
-            F.cross_entropy(F.linear(x, weight).float(), target)
+    with SavedTensorCounter(exclude=[weight]) as counter:
+        loss(path, x, weight, target, chunk)
     reset_peak_rss()
     before = proc_status_bytes("VmRSS")
     start = time.perf_counter()
