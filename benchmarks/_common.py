@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: the machine, its load and memory, timing, child processes."""
+"""Shared helpers for the benchmark scripts: the machine, its load and memory, timing, trainers, child processes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,6 +70,14 @@ def median_time_ms(fn: Callable[[], object], device: torch.device, repeats: int,
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def quiet_trainer(**options: Any) -> Any:
+    """A Lightning ``Trainer`` on one device that logs, checkpoints, shows and summarises nothing; ``options`` add."""
+    from lightning.pytorch import Trainer
+
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    return Trainer(devices=1, **quiet, **options)
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,11 @@ import time
 from typing import Any
 
 import torch
-from _common import machine_name
+from _common import machine_name, quiet_trainer
 from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import generated_by, table
 from _harness.targets import TargetRow
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from lightning_approxbp import ApproxBP
 from lightning_approxbp.recipes.text_classification import (
@@ -51,11 +51,9 @@ def run(method: str, seed: int, quick: bool) -> dict[str, Any]:
     )
     model = TextClassifier(lr=HPARAMS["lr"])
     callbacks = [ApproxBP()] if method == "approxbp" else []
-    trainer = Trainer(
-        accelerator="cpu", devices=1, precision="32-true", max_epochs=1 if quick else HPARAMS["epochs"],
-        limit_train_batches=1 if quick else None, limit_val_batches=1 if quick else None,
-        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        accelerator="cpu", precision="32-true", max_epochs=1 if quick else HPARAMS["epochs"], callbacks=callbacks,
+        limit_train_batches=1 if quick else None, limit_val_batches=1 if quick else None, num_sanity_val_steps=0,
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from _common import machine_name, machine_slug
+from _common import machine_name, machine_slug, quiet_trainer
 from _harness.models import LLAMA_7B, TOY_LLAMA
 from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import document, generated_by, table
@@ -210,11 +210,8 @@ def _fit(workload: Workload, variant: str, warmup: int, steps: int, accelerator:
     callbacks, precision = configure(module, variant)
     plugins = [precision] if isinstance(precision, ApproxBPPrecision) else []
     monitor = StepMonitor(warmup)
-    trainer = Trainer(
-        accelerator=accelerator, devices=1, precision=None if plugins else precision, plugins=plugins,
-        max_steps=warmup + steps, callbacks=[*callbacks, monitor], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )
+    trainer = quiet_trainer(accelerator=accelerator, precision=None if plugins else precision, plugins=plugins,
+                            max_steps=warmup + steps, callbacks=[*callbacks, monitor], limit_val_batches=0)
     trainer.fit(module, datamodule=RepeatedBatch(workload.batch, warmup + steps))
     step = statistics.median(monitor.step_seconds)
     result: dict[str, Any] = {"step_ms": 1e3 * step, "samples_per_s": workload.samples / step,

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import machine_name
+from _common import machine_name, quiet_trainer
 from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import document, table
 from lightning.pytorch import (
@@ -75,18 +75,8 @@ def one_step(build: Callable[[], tuple[LightningModule, LightningDataModule]], p
     model, datamodule = build()
     parameters = ParameterBytes()
     precision: dict[str, Any] = {"plugins": [ApproxBPPrecision("bf16-mixed")]} if plugin else {"precision": "bf16-mixed"}
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[PeakMemoryMonitor(prog_bar=False), parameters],
-        **precision,
-    )
+    trainer = quiet_trainer(accelerator="cpu", max_steps=1, limit_val_batches=0,
+                            callbacks=[PeakMemoryMonitor(prog_bar=False), parameters], **precision)
     trainer.fit(model, datamodule=datamodule)
     metrics = trainer.callback_metrics
     return {"saved": int(metrics[SAVED]), "parameters": parameters.bytes, "loss": float(metrics["train_loss"])}
