@@ -40,13 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from _common import (
-    load_average,
-    machine_name,
-    proc_status_bytes,
-    reset_peak_rss,
-    run_child,
-)
+from _common import load_average, machine_name, proc_status_bytes, reset_peak_rss, run_child
 from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import section, table
 

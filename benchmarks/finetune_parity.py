@@ -31,10 +31,7 @@ from _harness.targets import TargetRow
 from lightning.pytorch import seed_everything
 
 from lightning_approxbp import ApproxBP
-from lightning_approxbp.recipes.text_classification import (
-    BBCNewsDataModule,
-    TextClassifier,
-)
+from lightning_approxbp.recipes.text_classification import BBCNewsDataModule, TextClassifier
 
 RESULT = "finetune_parity_cpu"
 METHODS: tuple[str, ...] = ("exact", "approxbp")

@@ -27,10 +27,7 @@ from typing import Any
 import torch
 from lightning_approxbp import convert
 from lightning_approxbp.plugins import recast_trainable_weights
-from lightning_approxbp.recipes.text_classification import (
-    BBCNewsDataModule,
-    TextClassifier,
-)
+from lightning_approxbp.recipes.text_classification import BBCNewsDataModule, TextClassifier
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 
 import _gpu_attention

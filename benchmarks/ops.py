@@ -115,22 +115,10 @@ def run(device: torch.device, dtype: torch.dtype, rows: int, cols: int, repeats:
     cases = [
         ("step_activation gelu 2-bit", "F.gelu", lambda t: AF.step_activation(t, "gelu"), F.gelu, activation_bytes, ()),
         ("step_activation silu 2-bit", "F.silu", lambda t: AF.step_activation(t, "silu"), F.silu, activation_bytes, ()),
-        (
-            "ms_layer_norm (affine kept)",
-            "F.layer_norm",
-            lambda t: AF.ms_layer_norm(t, cols, weight, bias),
-            lambda t: F.layer_norm(t, (cols,), weight, bias),
-            norm_bytes,
-            (weight, bias),
-        ),
-        (
-            "ms_rms_norm (affine kept)",
-            "F.rms_norm",
-            lambda t: AF.ms_rms_norm(t, cols, weight),
-            lambda t: F.rms_norm(t, (cols,), weight, eps=1e-6),
-            norm_bytes,
-            (weight,),
-        ),
+        ("ms_layer_norm (affine kept)", "F.layer_norm", lambda t: AF.ms_layer_norm(t, cols, weight, bias),
+         lambda t: F.layer_norm(t, (cols,), weight, bias), norm_bytes, (weight, bias)),
+        ("ms_rms_norm (affine kept)", "F.rms_norm", lambda t: AF.ms_rms_norm(t, cols, weight),
+         lambda t: F.rms_norm(t, (cols,), weight, eps=1e-6), norm_bytes, (weight,)),
     ]
     return [
         bench_op(name, base, fn, base_fn, moved, shape, dtype, device, repeats, bandwidth, params)

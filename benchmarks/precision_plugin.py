@@ -23,21 +23,10 @@ import torch
 from _common import machine_name, quiet_trainer
 from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import document, table
-from lightning.pytorch import (
-    Callback,
-    LightningDataModule,
-    LightningModule,
-    Trainer,
-    seed_everything,
-)
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 
 from lightning_approxbp import ApproxBPPrecision, PeakMemoryMonitor
-from lightning_approxbp.recipes import (
-    BBCNewsDataModule,
-    BBCNewsLMDataModule,
-    LoRACausalLM,
-    TextClassifier,
-)
+from lightning_approxbp.recipes import BBCNewsDataModule, BBCNewsLMDataModule, LoRACausalLM, TextClassifier
 
 RESULT = "precision_plugin_cpu"
 SAVED = "peak_memory/saved_activation_bytes"
