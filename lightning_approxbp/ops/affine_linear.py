@@ -37,10 +37,15 @@ def _affine(x: Tensor, gamma: Tensor | None, beta: Tensor | None, offset: float)
     work = compute_dtype(x.dtype)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if gamma is not None and beta is not None:
-        return torch.addcmul(beta.to(work), x, gamma.to(work) + offset, out=out)
+        return torch.addcmul(beta.to(work), x, _scale(gamma, work, offset), out=out)
     if gamma is not None:
-        return torch.mul(x, gamma.to(work) + offset, out=out)
+        return torch.mul(x, _scale(gamma, work, offset), out=out)
     return torch.add(x, beta.to(work), out=out)
+
+
+def _scale(gamma: Tensor, work: torch.dtype, offset: float) -> Tensor:
+    """``gamma + offset`` in ``work``; without an offset, the parameter itself (no copy, no pass)."""
+    return gamma.to(work) + offset if offset else gamma.to(work)
 
 
 def _matmul(z: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
@@ -99,14 +104,7 @@ class AffineLinearFunction(torch.autograd.Function):
                 w = weight.to(x_c.dtype)
                 grad_z = grad_rows @ (w.t() if transposed else w)
                 work = compute_dtype(x_c.dtype)
-                if needs_x:
-                    if gamma is None:
-                        grad_x = grad_z.to(input_dtype)
-                    else:
-                        # Computed in fp32 (the parameter's dtype), rounded once into the input's dtype.
-                        scale = gamma.to(work) + offset
-                        grad_x = torch.mul(grad_z, scale, out=grad_z.new_empty(grad_z.shape, dtype=input_dtype))
-                    grad_x = grad_x.view(x_c.shape)
+                wide = None
                 if (needs_gamma and gamma is not None) or (needs_beta and beta is not None):
                     wide = grad_z.to(work)
                     if needs_gamma and gamma is not None:
@@ -114,6 +112,18 @@ class AffineLinearFunction(torch.autograd.Function):
                         grad_gamma = torch.mul(wide, x_c.reshape(-1, n_in)).sum(dim=0).to(gamma.dtype)
                     if needs_beta and beta is not None:
                         grad_beta = wide.sum(dim=0).to(beta.dtype)
+                if needs_x:
+                    if gamma is None:
+                        grad_x = grad_z.to(input_dtype)
+                    elif wide is not None and input_dtype == work:
+                        # The widened gradient is ours and read no more: scaled in place, it is the
+                        # product below bit for bit (widening is exact), without a third buffer.
+                        grad_x = wide.mul_(_scale(gamma, work, offset))
+                    else:
+                        # Computed in fp32 (the parameter's dtype), rounded once into the input's dtype.
+                        scale = _scale(gamma, work, offset)
+                        grad_x = torch.mul(grad_z, scale, out=grad_z.new_empty(grad_z.shape, dtype=input_dtype))
+                    grad_x = grad_x.view(x_c.shape)
         grads = guard_double_backward((grad_x, grad_gamma, grad_beta, grad_weight, grad_bias), grad_output, OP_NAME)
         return (*grads, None, None, None, None)
 

@@ -4,8 +4,9 @@ In a gated MLP (LLaMA, Mistral, Qwen2, Gemma: SwiGLU/GeGLU), eager PyTorch keeps
 activation's backward), ``act(g)`` and ``u`` (for the product's backward) and the product ``h``
 (for the down projection's weight gradient): four intermediate-size tensors per token. This op
 keeps two, ``g`` and ``u``, and recomputes ``act(g)`` and ``h`` in backward, in one elementwise
-pass. Gradients are exact (the activation's true derivative, not a step function); only the
-rounding differs from eager (``h`` is rounded once instead of twice).
+pass. Gradients are exact (the activation's true derivative, not a step function). The PyTorch
+path runs eager's own elementwise ops, so its output and gradients equal eager's bit for bit; the
+Triton kernels compute in fp32 and round ``h`` once instead of twice.
 
 Saved for backward: ``g`` and ``u`` (in the compute dtype: under autocast the gate and up
 projections already emit it, so these are their outputs, not copies) and the down projection's
@@ -37,17 +38,32 @@ _TRITON_KERNELS = "lightning_approxbp.ops.gated_mlp_triton"
 # ----------------------------------------------------------------------------- PyTorch path
 
 
+# The PyTorch path runs eager's own ops in the input's dtype: ``act(g) * u`` and, in backward,
+# the products and the activation's fused backward kernel that autograd runs for that expression.
+# For 16-bit inputs each op computes in fp32 internally and rounds its result once, so ``act(g)``
+# and ``h`` are rounded as eager rounds them and the output and gradients are eager's bit for bit;
+# no tensor is widened in memory (fp32 temporaries of the intermediate size, several per pass,
+# cost more on CPU than the two matmuls next to them).
+
+
 def _torch_forward(g: Tensor, u: Tensor, activation: str) -> Tensor:
-    work = compute_dtype(g.dtype)
-    return (get_activation(activation).torch_forward(g.to(work)) * u.to(work)).to(g.dtype)
+    # act(g) is a fresh tensor: the product goes into it, one intermediate-size buffer per call.
+    return get_activation(activation).torch_forward(g).mul_(u)
 
 
 def _torch_backward(grad_h: Tensor, g: Tensor, u: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
     entry = get_activation(activation)
-    work = compute_dtype(g.dtype)
-    dh, gw, uw = grad_h.to(work), g.to(work), u.to(work)
-    a = entry.torch_forward(gw)
-    return (dh * uw * entry.derivative(gw)).to(g.dtype), (dh * a).to(u.dtype), (a * uw).to(g.dtype)
+    if entry.torch_backward is not None:
+        grad_g = entry.torch_backward(grad_h * u, g)
+    else:
+        # No fused backward kernel in torch (QuickGELU): the exact derivative, computed in fp32 and
+        # rounded once.
+        work = compute_dtype(g.dtype)
+        grad_g = (grad_h.to(work) * u.to(work) * entry.derivative(g.to(work))).to(g.dtype)
+    a = entry.torch_forward(g)
+    grad_u = grad_h * a
+    # act(g) is read no more: the recomputed product goes into it (the forward's op, in place).
+    return grad_g, grad_u, a.mul_(u)
 
 
 # ----------------------------------------------------------------------------- torch.library

@@ -7,7 +7,7 @@ import torch
 
 from lightning_approxbp.ops.affine_linear import affine_linear
 from lightning_approxbp.saved_tensors import SavedTensorCounter
-from tests.tolerances import ROUNDING
+from tests.tolerances import IDENTICAL, ROUNDING
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
@@ -82,3 +82,27 @@ def test_share_input_keeps_its_own_copy_of_an_input_outside_the_graph() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16), SavedTensorCounter(exclude=[weight]) as counter:
         affine_linear(x, None, None, weight, None, share_input=True)
     assert counter.stats.bytes_by_dtype == {"bfloat16": x.numel() * 2}
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["fp32-input", "bf16-input"])
+def test_autocast_gradients_are_the_formula_in_fp32_rounded_once(input_dtype: torch.dtype) -> None:
+    """Under bf16 autocast: ``grad_x = fp32(grad_z) * (gamma + offset)`` rounded once into the input's
+    dtype, bit for bit, and ``gamma``/``beta`` get the fp32 sums over rows of that widened ``grad_z``."""
+    torch.manual_seed(0)
+    offset = 0.5
+    weight = torch.nn.Parameter(torch.randn(24, 16))
+    gamma, beta = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+    x = torch.randn(3, 5, 16).to(input_dtype).requires_grad_()
+    grad = torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = affine_linear(x, gamma, beta, weight, None, offset=offset)
+    grad_x, grad_gamma, grad_beta = torch.autograd.grad(out, (x, gamma, beta), grad)
+
+    grad_z = (grad.reshape(-1, 24) @ weight.bfloat16()).double()  # the op's own bf16 matmul, widened exactly
+    scale = (gamma + offset).detach().double()  # the fp32 sum, widened exactly
+    # An fp32 product of a bf16 and an fp32 value is exact in fp64 and correctly rounded in fp32.
+    expected_x = (grad_z * scale).float().to(input_dtype).view_as(x)
+    torch.testing.assert_close(grad_x, expected_x, **IDENTICAL)
+    x_c = x.detach().bfloat16().double().reshape(-1, 16)
+    torch.testing.assert_close(grad_gamma, (grad_z * x_c).sum(0).float(), **ROUNDING[torch.float32])
+    torch.testing.assert_close(grad_beta, grad_z.sum(0).float(), **ROUNDING[torch.float32])

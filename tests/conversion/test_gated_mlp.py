@@ -12,7 +12,7 @@ from torch import nn
 from lightning_approxbp import convert
 from lightning_approxbp.conversion.gated_mlp import FusedGatedMLP, detect_gated_mlp
 from tests.conversion.models import CASES
-from tests.tolerances import ROUNDING
+from tests.tolerances import IDENTICAL, ROUNDING
 
 
 class RenamedSwiGLU(nn.Module):
@@ -80,3 +80,27 @@ def test_a_lora_wrapped_down_projection_is_reported_not_fused():
     assert row.action == "skipped" and "down projection is a peft.tuners.lora" in row.reason
     # its activation is then converted on its own, as without fusion
     assert report.row("base_model.model.model.layers.0.mlp.act_fn").action == "converted"
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_the_pytorch_path_is_eager_bit_for_bit(autocast: bool):
+    """The fused LLaMA MLP on the PyTorch path: eager's output and every gradient, with no tolerance
+    (its elementwise ops are eager's own, rounded where eager rounds)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    eager = nn.Sequential(LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=88)))
+    fused = copy.deepcopy(eager)
+    x = torch.randn(2, 7, 32)
+    convert(fused, x)
+    assert isinstance(fused[0], FusedGatedMLP)
+    grad = torch.randn(2, 7, 32)
+    results = []
+    for model in (eager, fused):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(inputs)
+        results.append((out, *torch.autograd.grad(out, (inputs, *model.parameters()), grad.to(out.dtype))))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **IDENTICAL)
