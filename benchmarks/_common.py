@@ -1,8 +1,7 @@
-"""Shared helpers for the benchmark scripts: machine naming, timing, result files."""
+"""Shared helpers for the benchmark scripts: the machine, its load and memory, timing, trainers, child processes."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -13,25 +12,44 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine_name(device: torch.device) -> str:
     """Human-readable name of the device that produced the numbers."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpuinfo("model name") or platform.processor() or platform.machine()
     return f"CPU: {model}, {torch.get_num_threads()} threads"
+
+
+def cpuinfo(field: str) -> str | None:
+    """The first ``field`` of ``/proc/cpuinfo`` (``None`` where there is none: not Linux, or no such field)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(field)), None)
+
+
+def load_average(separator: str = " ") -> str:
+    """The 1, 5 and 15-minute load averages as ``/proc/loadavg`` states them: how busy the machine was."""
+    return separator.join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: peak) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux >= 4.0: ``VmHWM`` restarts from the current RSS)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def machine_slug(device: torch.device) -> str:
@@ -54,16 +72,12 @@ def median_time_ms(fn: Callable[[], object], device: torch.device, repeats: int,
     return statistics.median(samples)
 
 
-def write_results(
-    stem: str, device: torch.device, payload: dict, markdown: str, out_dir: Path = RESULTS_DIR
-) -> tuple[Path, Path]:
-    """Write ``<stem>_<cpu|cuda>.json`` and ``.md`` into ``out_dir`` (default benchmarks/results/)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / f"{stem}_{machine_slug(device)}"
-    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
-    json_path.write_text(json.dumps(payload, indent=1) + "\n")
-    md_path.write_text(markdown)
-    return json_path, md_path
+def quiet_trainer(**options: Any) -> Any:
+    """A Lightning ``Trainer`` on one device that logs, checkpoints, shows and summarises nothing; ``options`` add."""
+    from lightning.pytorch import Trainer
+
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    return Trainer(devices=1, **quiet, **options)
 
 
 @dataclass(frozen=True)

@@ -37,17 +37,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, machine_name, run_child, write_results
+from _common import load_average, machine_name, proc_status_bytes, reset_peak_rss, run_child
+from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import section, table
 
 PHASES: tuple[str, ...] = ("collect", "reference probe", "apply", "converted probe", "verify", "block checks")
 TIMEOUT_S = 1800.0
 MiB = 2**20
-RESULT = "RESULT "  # marks the child's JSON line among whatever else it prints
+RESULT = "conversion_cost_cpu"
+CHILD_LINE = "RESULT "  # marks the child's JSON line among whatever else it prints
 
 
 @dataclass(frozen=True)
@@ -88,19 +89,6 @@ def cases(quick: bool) -> list[Case]:
 
 
 # ---------------------------------------------------------------------------------------------- child
-def _proc_status_bytes(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: peak) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak() -> None:
-    """Start a new peak-RSS window (Linux >= 4.0: ``VmHWM`` restarts from the current RSS)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def _rss_after_trim() -> int:
     """RSS once freed memory is handed back to the OS: what live objects still hold.
 
@@ -109,7 +97,7 @@ def _rss_after_trim() -> int:
     """
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return _proc_status_bytes("VmRSS")
+    return proc_status_bytes("VmRSS")
 
 
 @contextmanager
@@ -130,7 +118,7 @@ def timed_phases(record: dict[str, dict[str, float]]) -> Iterator[None]:
                 return original(*args, **kwargs)
             phase = name()
             running.append(phase)
-            _reset_peak()
+            reset_peak_rss()
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
@@ -138,7 +126,7 @@ def timed_phases(record: dict[str, dict[str, float]]) -> Iterator[None]:
                 running.pop()
                 entry = record.setdefault(phase, {"seconds": 0.0, "peak_rss_bytes": 0})
                 entry["seconds"] += time.perf_counter() - start
-                entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], _proc_status_bytes("VmHWM"))
+                entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], proc_status_bytes("VmHWM"))
 
         return measured
 
@@ -200,8 +188,8 @@ def measure(case: Case) -> dict[str, Any]:
         ids = torch.randint(case.vocab, (case.samples, case.tokens), generator=torch.Generator().manual_seed(0))
         probe = {"input_ids": ids, "labels": ids}
     phases: dict[str, dict[str, float]] = {}
-    row["rss_before_bytes"] = _proc_status_bytes("VmRSS")
-    _reset_peak()
+    row["rss_before_bytes"] = proc_status_bytes("VmRSS")
+    reset_peak_rss()
     start = time.perf_counter()
     try:
         with timed_phases(phases):
@@ -210,9 +198,9 @@ def measure(case: Case) -> dict[str, Any]:
         row["error"] = f"{type(error).__name__}: {error}"
         return row
     row["convert_s"] = time.perf_counter() - start
-    row["peak_rss_bytes"] = max([_proc_status_bytes("VmHWM"), *(p["peak_rss_bytes"] for p in phases.values())])
+    row["peak_rss_bytes"] = max([proc_status_bytes("VmHWM"), *(p["peak_rss_bytes"] for p in phases.values())])
     row["state_dict_keys_unchanged"] = list(model.state_dict()) == keys
-    row["rss_after_bytes"] = _proc_status_bytes("VmRSS")
+    row["rss_after_bytes"] = proc_status_bytes("VmRSS")
     row["rss_after_trim_bytes"] = _rss_after_trim()
     row["phases"] = phases
     row["converted_modules"] = len(report.converted)
@@ -231,18 +219,14 @@ def run_case(case: Case) -> dict[str, Any]:
     child = run_child([sys.executable, __file__, "--child", json.dumps(asdict(case))], timeout_s=TIMEOUT_S)
     if child.returncode != 0:
         raise RuntimeError(f"case {case.name} failed ({child.returncode}):\n{child.output[-3000:]}")
-    row = json.loads(next(line for line in child.output.splitlines() if line.startswith(RESULT))[len(RESULT):])
+    row = json.loads(next(line for line in child.output.splitlines() if line.startswith(CHILD_LINE))[len(CHILD_LINE):])
     row["process_max_rss_bytes"] = child.max_rss_bytes
     row["process_wall_s"] = child.wall_s
     return row
 
 
-def _seconds(row: dict[str, Any], phase: str) -> str:
-    entry = row["phases"].get(phase)
-    return "-" if entry is None else f"{entry['seconds']:.2f}"
-
-
-def markdown(machine: str, rows: list[dict[str, Any]], load: str) -> str:
+def render(payload: Payload) -> str:
+    machine, rows, load = payload["machine"], payload["results"], payload["load_average"]
     widths = {(r["hidden"], r["intermediate"], r["heads"]) for r in rows}
     lines = [
         "# Conversion cost: setup time and peak host memory of `convert`",
@@ -258,7 +242,8 @@ def markdown(machine: str, rows: list[dict[str, Any]], load: str) -> str:
     for row in done:
         probe = f"{row['samples']} x {row['tokens']}" if row["probe"] else "none"
         other = row["convert_s"] - sum(p["seconds"] for p in row["phases"].values())
-        times.append([row["name"], f"{row['parameters'] / 1e6:,.1f} M", probe, *(_seconds(row, p) for p in PHASES),
+        times.append([row["name"], f"{row['parameters'] / 1e6:,.1f} M", probe,
+                      *("-" if p not in row["phases"] else f"{row['phases'][p]['seconds']:.2f}" for p in PHASES),
                       f"{other:.2f}", f"{row['convert_s']:.2f}", row["fused_gated_mlps"], row["converted_norms"]])
         base = row["rss_before_bytes"]
         memory.append([
@@ -305,25 +290,16 @@ def markdown(machine: str, rows: list[dict[str, Any]], load: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="toy widths; print, do not write")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
+    parser = arguments(__doc__, "toy widths; print, do not write")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one case, print JSON
     args = parser.parse_args()
     if args.child is not None:
-        print(RESULT + json.dumps(measure(Case(**json.loads(args.child)))))
+        print(CHILD_LINE + json.dumps(measure(Case(**json.loads(args.child)))))
         return
-    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
-
-    load = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load = load_average(" / ")
     rows = [run_case(case) for case in cases(args.quick)]
-    machine = machine_name(torch.device("cpu"))
-    text = markdown(machine, rows, load)
-    print(text)
-    if out is not None:
-        payload = {"machine": machine, "quick": args.quick, "load_average": load, "results": rows}
-        json_path, md_path = write_results("conversion_cost", torch.device("cpu"), payload, text, out)
-        print(f"wrote {json_path} and {md_path}")
+    payload = {"machine": machine_name(torch.device("cpu")), "quick": args.quick, "load_average": load, "results": rows}
+    publish(RESULT, payload, render, out_folder(args.out, args.quick))
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import torch
+from _harness.records import RESULTS_DIR
 from _harness.render import table
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _run(title: str, command: list[str]) -> tuple[str, int, float, str]:
@@ -66,8 +66,8 @@ def main() -> int:
     for title, _, _, output in (tests, gpu_marked):
         summary = [line for line in output.splitlines() if " passed" in line or " failed" in line or " error" in line]
         lines += [f"## {title}", "", "```", *(summary[-5:] or ["(no pytest summary line)"]), "```", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gpu_tests_cuda.md").write_text("\n".join(lines))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "gpu_tests_cuda.md").write_text("\n".join(lines))
     failed = [title for title, code, _, _ in steps if code != 0]
     print(f"GPU run on {card}: {len(steps) - len(failed)}/{len(steps)} steps passed" + (f"; failed: {failed}" if failed else ""))
     return 1 if failed else 0

@@ -33,7 +33,6 @@ same code at toy sizes on CPU (no peak memory there) so that it cannot rot.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import importlib.util
@@ -42,13 +41,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, machine_name, write_results
+from _common import machine_name, machine_slug, quiet_trainer
 from _harness.models import LLAMA_7B, TOY_LLAMA
-from _harness.render import document, table
+from _harness.records import Payload, arguments, out_folder, publish
+from _harness.render import document, generated_by, table
 from _harness.targets import TargetRow
 from _harness.variants import CONVERSIONS, enable_checkpointing
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -58,6 +57,8 @@ from torch.utils.data import DataLoader
 from lightning_approxbp import ApproxBP
 from lightning_approxbp.plugins.precision import ApproxBPPrecision
 
+# The README's results: a GPU run (a --smoke run on a CPU writes gpu_training_cpu, toy figures).
+RESULT = "gpu_training_cuda"
 PRECISION = "bf16-mixed"
 TARGET_MEMORY_REDUCTION = 0.25  # ViT-B full fine-tuning, approxbp vs baseline
 TARGET_THROUGHPUT = 0.97
@@ -103,33 +104,18 @@ class RepeatedBatch(LightningDataModule):
         return DataLoader([self.batch] * self.length, batch_size=None)
 
 
-class ViTModule(LightningModule):
-    """Image classification, full fine-tuning, AdamW."""
+class TrainingModule(LightningModule):
+    """The model's own loss on a batch of its keyword inputs; AdamW on the trainable parameters (LoRA: the adapters)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, lr: float) -> None:
         super().__init__()
-        self.model = model
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        return nn.functional.cross_entropy(self.model(pixel_values=images).logits, labels)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-5)
-
-
-class CausalLMModule(LightningModule):
-    """Causal language modelling on the trainable (LoRA) parameters, AdamW."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+        self.model, self.lr = model, lr
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        return self.model(**batch).loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
 @dataclass
@@ -153,10 +139,11 @@ def vit_workload(smoke: bool) -> Workload:
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     base = ViTForImageClassification(config)
-    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
+    inputs = {"pixel_values": torch.randn(batch, 3, size, size), "labels": torch.randint(0, 100, (batch,))}
     tokens = batch * ((size // config.patch_size) ** 2 + 1)
     variants = ["baseline", "approxbp", "approxbp-keep", "checkpoint"]
-    return Workload("ViT-B/16 full fine-tuning", lambda: ViTModule(copy.deepcopy(base)), (images, labels), batch, tokens, variants)
+    build = lambda: TrainingModule(copy.deepcopy(base), lr=1e-5)  # noqa: E731
+    return Workload("ViT-B/16 full fine-tuning", build, inputs, batch, tokens, variants)
 
 
 def llama_lora_workload(smoke: bool) -> Workload:
@@ -176,12 +163,12 @@ def llama_lora_workload(smoke: bool) -> Workload:
 
     def build() -> LightningModule:
         torch.manual_seed(0)
-        return CausalLMModule(get_peft_model(LlamaForCausalLM(config), lora))
+        return TrainingModule(get_peft_model(LlamaForCausalLM(config), lora), lr=1e-4)
 
     input_ids = torch.randint(0, config.vocab_size, (batch, seq))
     variants = ["baseline", "approxbp", "checkpoint"] + (["liger"] if LIGER_AVAILABLE else [])
     name = f"LLaMA-7B-shaped LoRA ({config.num_hidden_layers} layers)"
-    return Workload(name, build, {"input_ids": input_ids}, batch, batch * seq, variants)
+    return Workload(name, build, {"input_ids": input_ids, "labels": input_ids}, batch, batch * seq, variants)
 
 
 def configure(module: LightningModule, variant: str) -> tuple[list[Callback], Any]:
@@ -194,7 +181,7 @@ def configure(module: LightningModule, variant: str) -> tuple[list[Callback], An
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False, model=getattr(inner, "model", inner))
-    if variant == "approxbp" and isinstance(module, CausalLMModule):
+    if variant == "approxbp" and not all(p.requires_grad for p in module.parameters()):  # LoRA: frozen weights in bf16
         return [ApproxBP()], ApproxBPPrecision(PRECISION)
     if variant == "approxbp":
         return [ApproxBP()], PRECISION
@@ -223,11 +210,8 @@ def _fit(workload: Workload, variant: str, warmup: int, steps: int, accelerator:
     callbacks, precision = configure(module, variant)
     plugins = [precision] if isinstance(precision, ApproxBPPrecision) else []
     monitor = StepMonitor(warmup)
-    trainer = Trainer(
-        accelerator=accelerator, devices=1, precision=None if plugins else precision, plugins=plugins,
-        max_steps=warmup + steps, callbacks=[*callbacks, monitor], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )
+    trainer = quiet_trainer(accelerator=accelerator, precision=None if plugins else precision, plugins=plugins,
+                            max_steps=warmup + steps, callbacks=[*callbacks, monitor], limit_val_batches=0)
     trainer.fit(module, datamodule=RepeatedBatch(workload.batch, warmup + steps))
     step = statistics.median(monitor.step_seconds)
     result: dict[str, Any] = {"step_ms": 1e3 * step, "samples_per_s": workload.samples / step,
@@ -259,28 +243,30 @@ def target(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"memory_reduction": r["memory_reduction"], "throughput_ratio": r["throughput_ratio"], "met": met}
 
 
-def render_markdown(rows: list[dict[str, Any]], goal: dict[str, Any] | None, machine: str, smoke: bool) -> str:
+def _cells(r: dict[str, Any]) -> list[str]:
+    """A variant's cells: workload, variant, peak GiB, vs baseline, samples/s, throughput vs baseline, note (or error)."""
+    if "error" in r:
+        return [r["workload"], r["variant"], "-", "-", "-", "-", r["error"]]
+    peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] is not None else "n/a"
+    reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
+    ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
+    note = f"{r['converted_modules']} modules converted" if "converted_modules" in r else ""
+    return [r["workload"], r["variant"], peak, reduction, f"{r['samples_per_s']:.1f}", ratio, note]
+
+
+def render(payload: Payload) -> str:
+    rows, goal = payload["results"], payload["target"]
     lines = [
         "# End-to-end Lightning training on GPU",
         "",
-        f"Machine: **{machine}**. Generated by `python benchmarks/gpu_training.py{' --smoke' if smoke else ''}`"
-        + (" (toy sizes on CPU: not a result)." if smoke else "."),
+        generated_by(payload, "gpu_training.py", "smoke")
+        + (" (toy sizes on CPU: not a result)." if payload["smoke"] else "."),
         f"Precision {PRECISION}; peak = torch.cuda.max_memory_allocated over the timed steps; throughput from the "
         f"median step time. Liger-Kernel: {'installed' if LIGER_AVAILABLE else 'not installed (variant not run)'}.",
         "",
     ]
-    cells = []
-    for r in rows:
-        if "error" in r:
-            cells.append([r["workload"], r["variant"], "-", "-", "-", "-", r["error"]])
-            continue
-        peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] is not None else "n/a"
-        reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
-        ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
-        note = f"{r['converted_modules']} modules converted" if "converted_modules" in r else ""
-        cells.append([r["workload"], r["variant"], peak, reduction, f"{r['samples_per_s']:.1f}", ratio, note])
     lines += table(["workload", "variant", "peak memory (GiB)", "vs baseline", "samples/s", "throughput vs baseline",
-                    "note"], cells)
+                    "note"], [_cells(r) for r in rows])
     if goal is not None:
         lines += [
             "",
@@ -306,15 +292,8 @@ def readme_targets(payload: dict[str, Any] | None) -> list[TargetRow]:
 def readme_section(payload: dict[str, Any] | None) -> list[str]:
     if payload is None:
         return ["### GPU training", "", "Not measured yet: `python benchmarks/gpu_training.py` needs a CUDA device.", ""]
-    rows = []
-    for r in payload["results"]:
-        if "error" in r:
-            rows.append([r["workload"], r["variant"], r["error"], "", "", ""])
-            continue
-        reduction = f"{-100 * r['memory_reduction']:+.1f}%" if "memory_reduction" in r else "-"
-        ratio = f"{r['throughput_ratio']:.3f}x" if "throughput_ratio" in r else "-"
-        rows.append([r["workload"], r["variant"], f"{r['peak_bytes'] / 2**30:.2f}", reduction, f"{r['samples_per_s']:.1f}",
-                     ratio])
+    rows = [[r["workload"], r["variant"], r["error"], "", "", ""] if "error" in r else _cells(r)[:6]
+            for r in payload["results"]]
     lines = [
         f"### GPU training ({payload['machine']}, {payload['precision']})",
         "",
@@ -326,17 +305,14 @@ def readme_section(payload: dict[str, Any] | None) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="toy sizes; runs on CPU too")
+    parser = arguments(__doc__, "toy sizes; runs on CPU too", short="smoke")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 3 warm-up steps)")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --smoke)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("gpu_training.py: no CUDA device here; nothing measured. Run it on a GPU machine, or pass --smoke "
               "for a toy CPU run.")
         sys.exit(0)
-    out = args.out if args.out is not None else (None if args.smoke else RESULTS_DIR)
     device = torch.device("cuda" if cuda else "cpu")
     warmup, steps = (0, 1) if args.smoke else (3, args.steps)
 
@@ -351,15 +327,9 @@ def main() -> None:
             rows.append(run_variant(workload, variant, warmup, steps, "gpu" if cuda else "cpu"))
             print(f"{workload.name} / {variant}: {rows[-1].get('error', 'ok')}", flush=True)
     compare(rows)
-    goal = target(rows)
-    machine = machine_name(device)
-    markdown = render_markdown(rows, goal, machine, args.smoke)
-    print(markdown)
-    if out is not None:
-        payload = {"machine": machine, "smoke": args.smoke, "precision": PRECISION, "liger_installed": LIGER_AVAILABLE,
-                   "target": goal, "results": rows}
-        json_path, md_path = write_results("gpu_training", device, payload, markdown, out)
-        print(f"wrote {json_path} and {md_path}")
+    payload = {"machine": machine_name(device), "smoke": args.smoke, "precision": PRECISION,
+               "liger_installed": LIGER_AVAILABLE, "target": target(rows), "results": rows}
+    publish(f"gpu_training_{machine_slug(device)}", payload, render, out_folder(args.out, args.smoke))
 
 
 if __name__ == "__main__":

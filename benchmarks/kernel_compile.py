@@ -23,7 +23,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _harness.records import RESULTS_DIR, Payload, publish
+from _harness.render import document, fill_markers, table
+
+RESULT = "kernel_compile"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "ops.md"
 BEGIN, END = "<!-- kernel table: begin -->", "<!-- kernel table: end -->"
 _BLOCK = re.compile(r"BLOCK_(?:SIZE|BYTES)=\d+")
@@ -34,55 +37,43 @@ def _range(values: list[int]) -> str:
     return str(low) if low == high else f"{low}-{high}"
 
 
-def summary_table(payload: dict) -> str:
+def summary_table(payload: Payload) -> str:
     """One row per (kernel, arch, block, warps): counts and ranges over dtypes and flags."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in payload["results"]:
         block = _BLOCK.search(record["config"]).group(0)
         groups[(record["kernel"], record["arch"], int(block.split("=")[1]), block.split("=")[0], record["num_warps"])].append(record)
-    lines = [
-        f"Compiled with Triton {payload['triton']} (bundled ptxas), {payload['machine']}: "
-        f"{len(payload['results'])} specialisations, {payload['seconds']:.0f} s.",
-        "",
-        "| kernel | arch | block | warps | specialisations | data dtypes | registers | spill stores (bytes) | shared memory (bytes) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for (kernel, arch, block, block_name, warps), records in sorted(groups.items()):
         dtypes = sorted({r["dtypes"] for r in records})
         pairs = sorted({" ".join(part.split("=")[1] for part in d.split()) for d in dtypes})
-        lines.append(
-            f"| `{kernel}` | sm_{arch} | {block_name.lower()} {block} | {warps} | {len(records)} | {', '.join(pairs)} | "
-            f"{_range([r['registers'] for r in records])} | {max(r['spill_stores'] for r in records)} | "
-            f"{_range([r['shared_bytes'] for r in records])} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([f"`{kernel}`", f"sm_{arch}", f"{block_name.lower()} {block}", warps, len(records), ", ".join(pairs),
+                     _range([r["registers"] for r in records]), max(r["spill_stores"] for r in records),
+                     _range([r["shared_bytes"] for r in records])])
+    return document([
+        f"Compiled with Triton {payload['triton']} (bundled ptxas), {payload['machine']}: "
+        f"{len(payload['results'])} specialisations, {payload['seconds']:.0f} s.",
+        "",
+        *table(["kernel", "arch", "block", "warps", "specialisations", "data dtypes", "registers", "spill stores (bytes)",
+                "shared memory (bytes)"], rows),
+    ])
 
 
-def full_table(payload: dict) -> str:
-    lines = [
+def render(payload: Payload) -> str:
+    """Every specialisation, one row each."""
+    return document([
         "# Every kernel specialisation, compiled ahead of time",
         "",
         f"Triton {payload['triton']}, {payload['machine']}. Regenerate: `python benchmarks/kernel_compile.py`.",
         "",
-        "| kernel | arch | dtypes | compile-time switches | warps | registers | spill stores | spill loads | shared |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in payload["results"]:
-        lines.append(
-            f"| `{r['kernel']}` | sm_{r['arch']} | {r['dtypes']} | {r['config']} | {r['num_warps']} | {r['registers']} | "
-            f"{r['spill_stores']} | {r['spill_loads']} | {r['shared_bytes']} |"
-        )
-    return "\n".join(lines) + "\n"
+        *table(["kernel", "arch", "dtypes", "compile-time switches", "warps", "registers", "spill stores", "spill loads",
+                "shared"],
+               [[f"`{r['kernel']}`", f"sm_{r['arch']}", r["dtypes"], r["config"], r["num_warps"], r["registers"],
+                 r["spill_stores"], r["spill_loads"], r["shared_bytes"]] for r in payload["results"]]),
+    ])
 
 
-def with_summary(document: str, table: str) -> str:
-    """``document`` with the text between the kernel-table markers replaced by ``table``."""
-    head, rest = document.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table}{END}{tail}"
-
-
-def compile_payload(arches: tuple[int, ...]) -> dict:
+def compile_payload(arches: tuple[int, ...]) -> Payload:
     os.environ.pop("TRITON_INTERPRET", None)
     import time
     from dataclasses import asdict
@@ -107,14 +98,12 @@ def compile_payload(arches: tuple[int, ...]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from-json", type=Path, default=None, help="render a saved kernel_compile.json instead of compiling")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
     args = parser.parse_args()
     payload = json.loads(args.from_json.read_text()) if args.from_json else compile_payload((80, 90))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernel_compile.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (args.out / "kernel_compile.md").write_text(full_table(payload))
-    DOCS.write_text(with_summary(DOCS.read_text(), summary_table(payload)))
-    print(f"wrote {args.out / 'kernel_compile.json'}, {args.out / 'kernel_compile.md'} and the table in {DOCS}")
+    publish(RESULT, payload, render, args.out)
+    if fill_markers(DOCS, BEGIN, END, summary_table(payload)):
+        print(f"wrote the table in {DOCS}")
 
 
 if __name__ == "__main__":

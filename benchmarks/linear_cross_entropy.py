@@ -40,13 +40,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import RESULTS_DIR, machine_name, write_results
+from _common import load_average, machine_name, proc_status_bytes, reset_peak_rss
+from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import document, table
 
 from lightning_approxbp.functional import linear_cross_entropy
 from lightning_approxbp.ops import linear_cross_entropy as lce
 from lightning_approxbp.saved_tensors import SavedTensorCounter
 
+RESULT = "linear_cross_entropy_cpu"
 FULL = {"tokens": 4096, "hidden": 4096, "vocab": 128256}
 QUICK = {"tokens": 512, "hidden": 256, "vocab": 8192}
 HEADS = ("frozen bf16", "trainable fp32")
@@ -62,21 +64,17 @@ def inputs(head: str, tokens: int, hidden: int, vocab: int) -> tuple[torch.Tenso
     return x, weight, torch.randint(0, vocab, (tokens,))
 
 
-def step(path: str, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int | None = None) -> None:
-    x.grad = weight.grad = None
+def loss(path: str, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """The head and loss forward, under bf16 autocast: fused, or as a model computes it."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if path == "fused":
-            loss = linear_cross_entropy(x, weight, target, chunk_size=chunk)
-        else:
-            loss = F.cross_entropy(F.linear(x, weight).float(), target)
-    loss.backward()
+            return linear_cross_entropy(x, weight, target, chunk_size=chunk)
+        return F.cross_entropy(F.linear(x, weight).float(), target)
 
 
-def _proc_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+def step(path: str, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int | None = None) -> None:
+    x.grad = weight.grad = None
+    loss(path, x, weight, target, chunk).backward()
 
 
 def scaled_shape(scale: int, head: str) -> dict[str, int]:
@@ -96,17 +94,14 @@ def child(head: str, path: str, shape: dict[str, int]) -> dict:
     scale, chunk = shape.pop("scale", 1), shape.pop("chunk", None)
     lce._SLICE_BYTES //= scale**2  # slices of the same share of the weight as at full size
     x, weight, target = inputs(head, **shape)
-    with SavedTensorCounter(exclude=[weight]) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
-        if path == "fused":
-            linear_cross_entropy(x, weight, target, chunk_size=chunk)
-        else:
-            F.cross_entropy(F.linear(x, weight).float(), target)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    before = _proc_kib("VmRSS")
+    with SavedTensorCounter(exclude=[weight]) as counter:
+        loss(path, x, weight, target, chunk)
+    reset_peak_rss()
+    before = proc_status_bytes("VmRSS")
     start = time.perf_counter()
     step(path, x, weight, target, chunk)
     seconds = time.perf_counter() - start
-    return {"head": head, "path": path, "peak_rss_delta_bytes": (_proc_kib("VmHWM") - before) * 1024,
+    return {"head": head, "path": path, "peak_rss_delta_bytes": proc_status_bytes("VmHWM") - before,
             "saved_bytes": counter.stats.activation_bytes, "step_s": seconds}
 
 
@@ -168,7 +163,7 @@ def _memory_table(memory: list[dict], factor: int, timing: dict[str, dict] | Non
     return table(header, cells, right_aligned=header[2:])
 
 
-def render(payload: dict) -> str:
+def render(payload: Payload) -> str:
     shape = payload["shape"]
     version = payload.get("commit", "not recorded (before the sliced weight cast of commit f079d51)")
     lines = [
@@ -220,24 +215,22 @@ def _commit() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, 1 round, prints only (or --out DIR)")
+    parser = arguments(__doc__, "small shapes, 1 round, prints only (or --out DIR)")
     parser.add_argument("--scale", type=int, default=1,
                         help="memory only, every dimension divided by this; merged into the results in --out")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per head")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR}; none with --quick)")
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS), help="heads to measure")
     parser.add_argument("--child", nargs=3, metavar=("HEAD", "PATH", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], json.loads(args.child[2]))))
         return
-    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
-    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    out = out_folder(args.out, args.quick)
+    load_before = load_average()
     if args.scale > 1:
-        if out is None or not (out / "linear_cross_entropy_cpu.json").exists():
+        if out is None or not (out / f"{RESULT}.json").exists():
             parser.error("--scale merges into an earlier full run's results: pass --out DIR holding one")
-        payload = json.loads((out / "linear_cross_entropy_cpu.json").read_text())
+        payload = json.loads((out / f"{RESULT}.json").read_text())
         for row in payload["memory"]:  # a run from before the gradients were reported: they follow from the shape
             row.setdefault("gradient_bytes", gradient_bytes(row["head"], payload["shape"]))
         payload["results"] = [{**row, **memory_ratios(payload["memory"], row["head"])} for row in payload["results"]]
@@ -255,12 +248,9 @@ def main() -> None:
                    for row in timing]
         payload = {"machine": machine_name(torch.device("cpu")), "quick": args.quick, "shape": shape,
                    "commit": _commit(), "load_before": load_before,
-                   "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+                   "load_after": load_average(),
                    "targets": TARGETS, "memory": memory, "time": timing, "results": results}
-    markdown = render(payload)
-    print(markdown)
-    if out is not None:
-        write_results("linear_cross_entropy", torch.device("cpu"), payload, markdown, out)
+    publish(RESULT, payload, render, out)
 
 
 if __name__ == "__main__":

@@ -30,19 +30,18 @@ log-sum-exp; see ``_gpu_attention.py``). Random init from configs; no weights ar
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import _gpu_attention
 import torch
-from _common import RESULTS_DIR, machine_name
+from _common import machine_name
 from _harness.models import LLAMA_7B, TOY_ENCODER, TOY_LLAMA
+from _harness.records import Payload, arguments, out_folder, publish
 from _harness.render import table
 from _harness.variants import PAPER_OPTIONS
 from torch import nn
@@ -51,6 +50,7 @@ from lightning_approxbp import ConversionConfig
 from lightning_approxbp.memory import StepSimulation, blocks_of, format_bytes
 from lightning_approxbp.memory.planner import plan_for
 
+RESULT = "peak_memory_sim"
 VIEWS = {"eager": "eager", "flash": _gpu_attention.NAME}
 PAPER = ConversionConfig(table="paper", **PAPER_OPTIONS)
 MODELS = ("ViT-B/16", "LLaMA-7B-shaped LoRA", "BERT-base")
@@ -116,7 +116,7 @@ def measure_case(name: str, view: str, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def render(payload: dict[str, Any]) -> str:
+def render(payload: Payload) -> str:
     lines = [
         "# Whole-step peak memory, simulated (CPU, fake tensors)", "",
         (f"Machine: {payload['machine']}; load average {payload['load_average']} (start) / "
@@ -147,20 +147,18 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="toy widths (CI)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results, not with --quick)")
+    parser = arguments(__doc__, "toy widths (CI)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                         help="models to measure; the rows of the others are kept from the results in the output folder")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="Module is None")
     _gpu_attention.register()
-    out = args.out or (None if args.quick else RESULTS_DIR)
+    out = out_folder(args.out, args.quick)
     kept: list[dict[str, Any]] = []
     if set(args.models) != set(MODELS):
-        if out is None or not (out / "peak_memory_sim.json").exists():
+        if out is None or not (out / f"{RESULT}.json").exists():
             parser.error("--models keeps the other models' rows from an earlier run: pass --out DIR holding one")
-        kept = json.loads((out / "peak_memory_sim.json").read_text())["results"]
+        kept = json.loads((out / f"{RESULT}.json").read_text())["results"]
     start, load = time.perf_counter(), os.getloadavg()
     measured = {name: [r for view in VIEWS for r in measure_case(name, view, args.quick)] for name in args.models}
     rows = [r for name in MODELS for r in (measured[name] if name in measured else [k for k in kept if k["model"] == name])]
@@ -169,15 +167,10 @@ def main() -> None:
     payload = {"machine": machine_name(torch.device("cpu")), "load_average": [round(x, 2) for x in load],
                "load_average_end": [round(x, 2) for x in os.getloadavg()], "wall_s": time.perf_counter() - start,
                "quick": args.quick, "measured": list(args.models), "results": rows, "targets": targets}
-    markdown = render(payload)
-    print(markdown)
+    publish(RESULT, payload, render, out)
     failed = [r["variant"] for r in rows if "fits" in r and not (r["fits"] and r["fewest"])]
     if not args.quick:
         failed += [key for key, ratio in targets.items() if ratio > TARGETS[tuple(key.rsplit(" ", 1))]]
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "peak_memory_sim.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (out / "peak_memory_sim.md").write_text(markdown)
     if failed:
         raise SystemExit(f"checks failed: {failed}")
 
