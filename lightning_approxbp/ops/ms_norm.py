@@ -93,10 +93,11 @@ def _torch_backward(
     gamma = None if weight is None else weight.to(dtype) + offset
     beta = None if bias is None else bias.to(dtype)
     divisor = None if gamma is None else clamp_away_from_zero(gamma, weight_clamp)
-    if beta is not None:
+    if beta is not None and divisor is not None:
+        # ``y / divisor - beta / divisor`` in one pass over ``y``.
+        x_hat = torch.addcdiv(beta.div(divisor).neg_(), y, divisor)
+    elif beta is not None:
         x_hat = torch.sub(y, beta)
-        if divisor is not None:
-            x_hat.div_(divisor)
     elif divisor is not None:
         x_hat = torch.div(y, divisor)
     else:

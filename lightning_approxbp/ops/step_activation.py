@@ -56,6 +56,11 @@ def exact_activation(x: Tensor, activation: str) -> Tensor:
 # pass per threshold. Built by comparing the values in fp32 with the fp32 thresholds, exactly as
 # the comparisons would (NaN patterns get code 0, infinities the end codes).
 _CODE_TABLE_DTYPES = (torch.bfloat16, torch.float16)
+# torch's gather is one serial loop (~0.4 ns per element); int16 clamps and adds are vectorised
+# and threaded (~0.02 ns per byte). Up to three thresholds (1- and 2-bit codes), the three
+# passes per threshold below cost less than the gather: measured 0.44 vs 0.72 ms per BERT-base
+# GELU input (1.6M bf16) on a 2-core AVX512 CPU; with more thresholds the gather wins.
+_MAX_CLAMPED_THRESHOLDS = 3
 
 
 @lru_cache(maxsize=64)
@@ -67,9 +72,52 @@ def code_table(thresholds: tuple[float, ...], dtype: torch.dtype, device: torch.
     return codes.to(device)
 
 
-def compute_codes(flat: Tensor, thresholds: tuple[float, ...]) -> Tensor:
-    """The number of thresholds strictly below each element (NaN: 0), as flat uint8."""
+def order_keys(bits: Tensor) -> Tensor:
+    """A new int16 tensor whose order is the order of the 16-bit floats with these bits (NaNs aside).
+
+    A float's sign-magnitude pattern, read as int16, is ordered for positive values and reversed
+    for negative ones: flipping the magnitude bits of the negative patterns fixes that
+    (``-0`` gets the key just below ``+0``'s).
+    """
+    keys = bits >> 15
+    return keys.bitwise_and_(0x7FFF).bitwise_xor_(bits)
+
+
+@lru_cache(maxsize=64)
+def threshold_keys(thresholds: tuple[float, ...], dtype: torch.dtype) -> tuple[int, ...]:
+    """Per threshold, the largest key of a non-NaN ``dtype`` value that is not above it (fp32 compare).
+
+    A non-NaN element exceeds the threshold exactly when its key exceeds this one.
+    """
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype).float()
+    keys = order_keys(bits).to(torch.int32)
+    comparable = ~values.isnan()
+    return tuple(int(keys[comparable & (values <= threshold)].max()) for threshold in thresholds)
+
+
+def _clamped_codes(flat: Tensor, thresholds: tuple[float, ...]) -> Tensor:
+    """Codes of a NaN-free 16-bit ``flat`` by clamps of its order keys: ``clamp(key, K, K + 1) - K``
+    is 1 above the threshold's key ``K`` and 0 at or below it (no int16 overflow: ``K + 1`` is
+    at most the key of ``+inf``)."""
+    keys = order_keys(flat.view(torch.int16))
+    first, *rest = threshold_keys(thresholds, flat.dtype)
+    codes = torch.clamp(keys, first, first + 1).sub_(first)
+    step = torch.empty_like(keys) if rest else None
+    for key in rest:
+        codes.add_(torch.clamp(keys, key, key + 1, out=step)).sub_(key)
+    return codes.to(torch.uint8)
+
+
+def compute_codes(flat: Tensor, thresholds: tuple[float, ...], finite: bool = False) -> Tensor:
+    """The number of thresholds strictly below each element (NaN: 0), as flat uint8.
+
+    ``finite=True`` promises that ``flat`` holds no NaN, which lets 16-bit inputs with few
+    thresholds take vectorised clamps instead of the table gather.
+    """
     if flat.dtype in _CODE_TABLE_DTYPES:
+        if finite and 0 < len(thresholds) <= _MAX_CLAMPED_THRESHOLDS:
+            return _clamped_codes(flat, thresholds)
         # Bits as indices: uint16 -> int32 is one widening pass; index_select takes int32. Chunk
         # by chunk, so that the int32 indices (twice the input's bytes) stay in cache and no
         # buffer of that size is allocated (fresh large buffers cost page faults on CPU).
@@ -97,14 +145,15 @@ def _torch_forward(x: Tensor, thresholds: list[float], activation: str, bits: in
     # change codes. The code table does the same comparisons once per bit pattern.
     if flat.dtype not in _CODE_TABLE_DTYPES:
         flat = flat.to(compute_dtype(x.dtype))
-    if known_finite(flat):
+    finite = known_finite(flat)
+    if finite:
         # One reduction ruled out non-finite inputs: no count to take, no values to fix.
         y = entry.torch_op(x)
         nonfinite = torch.zeros(1, dtype=torch.int32, device=x.device)
     else:
         y = entry.torch_forward(x)
         nonfinite = (~torch.isfinite(flat)).sum(dtype=torch.int32).reshape(1)
-    return y, pack_codes(compute_codes(flat, tuple(thresholds)), bits), nonfinite
+    return y, pack_codes(compute_codes(flat, tuple(thresholds), finite), bits), nonfinite
 
 
 @lru_cache(maxsize=64)

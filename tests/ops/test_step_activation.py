@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning_approxbp import functional as AF
 from lightning_approxbp.activations import ACTIVATIONS, get_activation
 from lightning_approxbp.nn import ReGELU2, ReSiLU2, StepActivation
-from lightning_approxbp.ops import bitpack, packed_size, reference, use_backend
+from lightning_approxbp.ops import bitpack, packed_size, reference, step_activation, use_backend
 from lightning_approxbp.ops.bitpack import pack_codes, unpack_codes
 from lightning_approxbp.ops.gated_mlp import gated_product_forward
 from lightning_approxbp.ops.reference import step_activation_backward
@@ -234,3 +234,21 @@ def test_pack_codes_places_every_combination_of_a_byte(bits):
     combos = torch.tensor(list(itertools.product(range(2**bits), repeat=per_byte)), dtype=torch.uint8)
     expected = sum(combos[:, slot].to(torch.int32) << (bits * slot) for slot in range(per_byte)).to(torch.uint8)
     assert torch.equal(pack_codes(combos.reshape(-1), bits), expected)
+
+
+# Thresholds on, between and beyond the 16-bit values: exactly representable ones, +-0, subnormal
+# ones, one past the largest finite fp16 value, and sets of one to three thresholds.
+CLAMP_THRESHOLDS = [
+    (0.0,), (-0.0,), (1e-30,), (-1e-30,), (65504.0,), (70000.0,),
+    (-1.5, 0.7), (-0.0, 1e-30, 3.0), (-3.3e38, 0.1, 3.3e38), (-70000.0, -0.5, 65504.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("thresholds", CLAMP_THRESHOLDS)
+def test_clamped_codes_of_every_finite_16_bit_value_are_the_fp32_comparisons(dtype, thresholds):
+    patterns = torch.arange(2**16, dtype=torch.int32).to(torch.uint16).view(dtype)
+    values = patterns[~patterns.float().isnan()]  # infinities included
+    expected = sum((values.float() > t).to(torch.uint8) for t in thresholds)
+    assert torch.equal(step_activation.compute_codes(values, thresholds, finite=True), expected)
+    assert torch.equal(step_activation.compute_codes(values, thresholds), expected)  # the table path
