@@ -41,6 +41,11 @@ def clamp_away_from_zero(weight: Tensor, minimum: float) -> Tensor:
     return torch.where(weight >= 0, weight.clamp(min=minimum), weight.clamp(max=-minimum))
 
 
+def _effective_gamma(weight: Tensor, dtype: torch.dtype, offset: float) -> Tensor:
+    """``weight + offset`` in ``dtype``; without an offset the parameter itself (no copy; read only)."""
+    return weight.to(dtype) + offset if offset else weight.to(dtype)
+
+
 def _empty_like_optional(reference: Tensor | None, device: torch.device) -> Tensor:
     # torch.library ops return tensors, not None: an empty tensor stands for "no gradient".
     return torch.empty(0, device=device) if reference is None else torch.empty_like(reference)
@@ -62,7 +67,7 @@ def _torch_forward(
 ) -> tuple[Tensor, Tensor]:
     dtype = compute_dtype(x.dtype)
     xf = x.to(dtype)
-    gamma = None if weight is None else weight.to(dtype) + offset
+    gamma = None if weight is None else _effective_gamma(weight, dtype, offset)
     beta = None if bias is None else bias.to(dtype)
     n_cols = (x.shape[-1],)
     if centered:
@@ -90,7 +95,7 @@ def _torch_backward(
     # widened on the fly (exactly), so no widened copy of it is made; ops on tensors made here
     # run in place.
     dtype = rstd.dtype
-    gamma = None if weight is None else weight.to(dtype) + offset
+    gamma = None if weight is None else _effective_gamma(weight, dtype, offset)
     beta = None if bias is None else bias.to(dtype)
     divisor = None if gamma is None else clamp_away_from_zero(gamma, weight_clamp)
     if beta is not None and divisor is not None:
