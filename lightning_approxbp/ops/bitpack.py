@@ -92,10 +92,10 @@ def multiply_gathered_rows(values: Tensor, table: Tensor, index: Tensor) -> Tens
     for start in range(0, numel, chunk):
         stop = min(start + chunk, numel)
         rows = gather_rows(table, index[start // row : -(-stop // row)]).view(-1)[: stop - start]
-        if rows.dtype == values.dtype:
-            torch.mul(values[start:stop], rows, out=out[start:stop])
-        else:
+        if rows.dtype != values.dtype and torch.promote_types(rows.dtype, values.dtype) == rows.dtype:
             # The same single rounding, faster: torch's mixed-dtype product into a narrower
             # output is a slower loop than an in-place product in the table's dtype and a copy.
             out[start:stop].copy_(rows.mul_(values[start:stop]))
+        else:
+            torch.mul(values[start:stop], rows, out=out[start:stop])
     return out

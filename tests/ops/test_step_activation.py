@@ -252,3 +252,14 @@ def test_clamped_codes_of_every_finite_16_bit_value_are_the_fp32_comparisons(dty
     expected = sum((values.float() > t).to(torch.uint8) for t in thresholds)
     assert torch.equal(step_activation.compute_codes(values, thresholds, finite=True), expected)
     assert torch.equal(step_activation.compute_codes(values, thresholds), expected)  # the table path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gathered_products_of_16_bit_gradients_are_rounded_once(monkeypatch, dtype):
+    monkeypatch.setattr(bitpack, "GATHER_CHUNK", 64)  # several chunks, the last one partial
+    table = torch.randn(256, 4, dtype=torch.float32)
+    index = torch.randint(0, 256, (50,), dtype=torch.int32)
+    values = torch.randn(197).to(dtype)
+    rows = table[index.long()].reshape(-1)[:197]
+    expected = (values.float() * rows).to(dtype)  # fp32 product, one rounding to the 16-bit dtype
+    assert torch.equal(bitpack.multiply_gathered_rows(values, table, index), expected)
