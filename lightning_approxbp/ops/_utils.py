@@ -45,6 +45,12 @@ def cpu_computes_natively(dtype: torch.dtype) -> bool:
     return False
 
 
+def offset_weight(weight: Tensor, dtype: torch.dtype, offset: float) -> Tensor:
+    """A norm's effective scale ``weight + offset`` in ``dtype``; without an offset the weight
+    itself (no copy, no pass): callers only read it."""
+    return weight.to(dtype) + offset if offset else weight.to(dtype)
+
+
 # Device types torch.autocast knows; asking about another (e.g. "meta") raises.
 _AUTOCAST_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "ipu", "privateuseone"})
 

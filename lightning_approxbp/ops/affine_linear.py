@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_approxbp.ops._utils import autocast_dtype, autocast_off, compute_dtype, guard_double_backward
+from lightning_approxbp.ops._utils import (
+    autocast_dtype,
+    autocast_off,
+    compute_dtype,
+    guard_double_backward,
+    offset_weight,
+)
 
 OP_NAME = "affine_linear"
 
@@ -37,15 +43,10 @@ def _affine(x: Tensor, gamma: Tensor | None, beta: Tensor | None, offset: float)
     work = compute_dtype(x.dtype)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if gamma is not None and beta is not None:
-        return torch.addcmul(beta.to(work), x, _scale(gamma, work, offset), out=out)
+        return torch.addcmul(beta.to(work), x, offset_weight(gamma, work, offset), out=out)
     if gamma is not None:
-        return torch.mul(x, _scale(gamma, work, offset), out=out)
+        return torch.mul(x, offset_weight(gamma, work, offset), out=out)
     return torch.add(x, beta.to(work), out=out)
-
-
-def _scale(gamma: Tensor, work: torch.dtype, offset: float) -> Tensor:
-    """``gamma + offset`` in ``work``; without an offset, the parameter itself (no copy, no pass)."""
-    return gamma.to(work) + offset if offset else gamma.to(work)
 
 
 def _matmul(z: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
@@ -118,10 +119,10 @@ class AffineLinearFunction(torch.autograd.Function):
                     elif wide is not None and input_dtype == work:
                         # The widened gradient is ours and read no more: scaled in place, it is the
                         # product below bit for bit (widening is exact), without a third buffer.
-                        grad_x = wide.mul_(_scale(gamma, work, offset))
+                        grad_x = wide.mul_(offset_weight(gamma, work, offset))
                     else:
                         # Computed in fp32 (the parameter's dtype), rounded once into the input's dtype.
-                        scale = _scale(gamma, work, offset)
+                        scale = offset_weight(gamma, work, offset)
                         grad_x = torch.mul(grad_z, scale, out=grad_z.new_empty(grad_z.shape, dtype=input_dtype))
                     grad_x = grad_x.view(x_c.shape)
         grads = guard_double_backward((grad_x, grad_gamma, grad_beta, grad_weight, grad_bias), grad_output, OP_NAME)

@@ -27,6 +27,7 @@ from lightning_approxbp.ops._utils import (
     check_floating,
     compute_dtype,
     guard_double_backward,
+    offset_weight,
     requires_grad,
 )
 from lightning_approxbp.ops.dispatch import dispatch
@@ -39,11 +40,6 @@ DEFAULT_WEIGHT_CLAMP = 1e-4
 def clamp_away_from_zero(weight: Tensor, minimum: float) -> Tensor:
     """``sign(w) * max(|w|, minimum)`` with ``sign(0) = +1``: a divisor that is never zero."""
     return torch.where(weight >= 0, weight.clamp(min=minimum), weight.clamp(max=-minimum))
-
-
-def _effective_gamma(weight: Tensor, dtype: torch.dtype, offset: float) -> Tensor:
-    """``weight + offset`` in ``dtype``; without an offset the parameter itself (no copy; read only)."""
-    return weight.to(dtype) + offset if offset else weight.to(dtype)
 
 
 def _empty_like_optional(reference: Tensor | None, device: torch.device) -> Tensor:
@@ -67,7 +63,7 @@ def _torch_forward(
 ) -> tuple[Tensor, Tensor]:
     dtype = compute_dtype(x.dtype)
     xf = x.to(dtype)
-    gamma = None if weight is None else _effective_gamma(weight, dtype, offset)
+    gamma = None if weight is None else offset_weight(weight, dtype, offset)
     beta = None if bias is None else bias.to(dtype)
     n_cols = (x.shape[-1],)
     if centered:
@@ -95,7 +91,7 @@ def _torch_backward(
     # widened on the fly (exactly), so no widened copy of it is made; ops on tensors made here
     # run in place.
     dtype = rstd.dtype
-    gamma = None if weight is None else _effective_gamma(weight, dtype, offset)
+    gamma = None if weight is None else offset_weight(weight, dtype, offset)
     beta = None if bias is None else bias.to(dtype)
     divisor = None if gamma is None else clamp_away_from_zero(gamma, weight_clamp)
     if beta is not None and divisor is not None:
