@@ -1,12 +1,14 @@
-"""The one place that chooses between the Triton kernels and the PyTorch path.
+"""The one place that chooses between the Triton kernels, the native CPU kernels and the PyTorch path.
 
 Every op's ``torch.library`` implementation asks :func:`dispatch` for the function to run on
-its input: the Triton launcher (imported on first use, so that Triton stays optional) or the
-op's PyTorch path. Both save the same tensors for backward.
+its input: the Triton launcher (imported on first use, so that Triton stays optional), the
+native CPU launcher where the op has one, or the op's PyTorch path. All save the same tensors
+for backward.
 
-The rule: under ``"auto"`` (default), CUDA tensors in fp32/fp16/bf16 run Triton and everything
-else runs PyTorch. ``use_backend("triton" | "torch")`` or the ``APPROXBP_BACKEND`` environment
-variable forces one; a forced Triton that cannot run says why.
+The rule: under ``"auto"`` (default), CUDA tensors in fp32/fp16/bf16 run Triton, CPU tensors in
+those dtypes run the native CPU kernels where the op has them and they could be built, and
+everything else runs PyTorch. ``use_backend("triton" | "native" | "torch")`` or the
+``APPROXBP_BACKEND`` environment variable forces one; a forced backend that cannot run says why.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 from torch import Tensor
 
 from lightning_approxbp.ops._utils import dtype_names
+from lightning_approxbp.ops.native_cpu import NATIVE_DTYPES, library, native_available
 
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+BACKENDS: tuple[str, ...] = ("auto", "triton", "native", "torch")
 BACKEND_ENV_VAR = "APPROXBP_BACKEND"
 TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -52,11 +55,14 @@ def _validate_backend(name: str) -> str:
 
 @contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force the kernels used inside the block: ``"triton"``, ``"torch"`` or ``"auto"``.
+    """Force the kernels used inside the block: ``"triton"``, ``"native"``, ``"torch"`` or ``"auto"``.
 
     ``"auto"`` (the default, also settable with the ``APPROXBP_BACKEND`` environment variable)
-    runs Triton kernels on CUDA tensors and the PyTorch path everywhere else. Both save the
-    same tensors for backward.
+    runs Triton kernels on CUDA tensors, the native CPU kernels on CPU tensors of the ops that
+    have them, and the PyTorch path everywhere else. ``"native"`` runs the native kernels where
+    an op has them for the tensor (fp32/fp16/bf16 on CPU) and PyTorch elsewhere, and raises
+    :class:`~lightning_approxbp.ops.native_cpu.NativeUnavailable` with the reason when they
+    cannot be built; ``"torch"`` runs PyTorch only. All save the same tensors for backward.
 
     Example::
 
@@ -80,14 +86,39 @@ def selected_backend() -> str:
     return _validate_backend(os.environ.get(BACKEND_ENV_VAR, "auto"))
 
 
-def resolve_backend(tensor: Tensor, op_name: str) -> str:
-    """``"triton"`` or ``"torch"`` for ``tensor``; explains why a forced Triton cannot run."""
-    choice = selected_backend()
-    if choice == "torch":
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _resolve_native(tensor: Tensor, forced: bool) -> str:
+    # The kernels read and write memory: fake, meta and subclass tensors (memory simulation,
+    # tracing, DTensor) and compilation take the PyTorch path, which they can all run.
+    if type(tensor) not in _PLAIN_TENSOR_TYPES or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return "torch"
+    if tensor.device.type != "cpu" or tensor.dtype not in NATIVE_DTYPES:
+        return "torch"
+    if not native_available():
+        if forced:
+            library()  # raises NativeUnavailable with the reason
+        return "torch"
+    return "native"
+
+
+def resolve_backend(tensor: Tensor, op_name: str, has_triton: bool = True, has_native: bool = False) -> str:
+    """``"triton"``, ``"native"`` or ``"torch"`` for ``tensor``; explains why a forced backend cannot run.
+
+    ``has_triton`` / ``has_native``: whether the op has Triton / native CPU kernels; an op
+    without the selected kind runs its PyTorch path.
+    """
+    choice = selected_backend()
+    if choice == "torch" or (choice == "triton" and not has_triton):
+        return "torch"
+    if choice == "native":
+        return _resolve_native(tensor, forced=True) if has_native else "torch"
     if choice == "auto":
-        usable = tensor.is_cuda and triton_available() and tensor.dtype in TRITON_DTYPES
-        return "triton" if usable else "torch"
+        if tensor.is_cuda:
+            usable = has_triton and triton_available() and tensor.dtype in TRITON_DTYPES
+            return "triton" if usable else "torch"
+        return _resolve_native(tensor, forced=False) if has_native else "torch"
     if not triton_available():
         raise RuntimeError(f"{op_name}: the Triton backend was requested but Triton is not installed.")
     if not (tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreter_enabled())):
@@ -103,16 +134,31 @@ def resolve_backend(tensor: Tensor, op_name: str) -> str:
     return "triton"
 
 
-def dispatch(op_name: str, tensor: Tensor, torch_path: Callable[..., Any], triton_launcher: str) -> Callable[..., Any]:
+def dispatch(
+    op_name: str,
+    tensor: Tensor,
+    torch_path: Callable[..., Any],
+    triton_launcher: str | None = None,
+    native_launcher: str | None = None,
+) -> Callable[..., Any]:
     """The function that runs ``op_name`` on ``tensor``.
 
     Args:
         op_name: the op, for error messages.
         tensor: the input that decides (device and dtype).
         torch_path: the op's PyTorch implementation.
-        triton_launcher: ``"module:function"`` of the Triton launcher with the same signature.
+        triton_launcher: ``"module:function"`` of the Triton launcher with the same signature,
+            for ops that have one.
+        native_launcher: ``"module:function"`` of the native CPU launcher with the same
+            signature, for ops that have one.
     """
-    if resolve_backend(tensor, op_name) == "torch":
-        return torch_path
-    module, _, function = triton_launcher.partition(":")
+    backend = resolve_backend(tensor, op_name, triton_launcher is not None, native_launcher is not None)
+    launcher = triton_launcher if backend == "triton" else native_launcher if backend == "native" else None
+    return torch_path if launcher is None else _load_launcher(launcher)
+
+
+@cache
+def _load_launcher(launcher: str) -> Callable[..., Any]:
+    """The function named ``"module:function"``, imported on first use."""
+    module, _, function = launcher.partition(":")
     return getattr(importlib.import_module(module), function)

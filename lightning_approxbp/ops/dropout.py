@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_approxbp.ops._utils import guard_double_backward
+from lightning_approxbp.ops.dispatch import dispatch
 from lightning_approxbp.ops.bitpack import (
     gather_rows,
     multiply_gathered_rows,
@@ -39,6 +40,8 @@ from lightning_approxbp.ops.bitpack import (
 )
 
 OP_NAME = "dropout"
+_NATIVE_BITS_FORWARD = "lightning_approxbp.ops.dropout_native:bits_forward"
+_NATIVE_BITS_BACKWARD = "lightning_approxbp.ops.dropout_native:bits_backward"
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 MaskStorage = Literal["auto", "regenerate", "bits"]
 MASK_STORAGES: tuple[str, ...] = ("auto", "regenerate", "bits")
@@ -78,8 +81,7 @@ def _mask_rows(p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     bits = torch.arange(2**width, dtype=torch.int32, device=device).unsqueeze(1) >> torch.arange(
         width, dtype=torch.int32, device=device
     )
-    kept = torch.ones((), dtype=dtype, device=device).div_(1 - p)
-    return (bits & 1).to(dtype) * kept
+    return (bits & 1).to(dtype) * kept_value(p, dtype, device)
 
 
 class RegeneratedDropoutFunction(torch.autograd.Function):
@@ -101,13 +103,9 @@ class RegeneratedDropoutFunction(torch.autograd.Function):
             return y
         # Stock CPU dropout's own steps (its non-fused path), keeping the 0/1 mask to pack it.
         noise = torch.empty_like(x).bernoulli_(1 - p)
-        # Bits in the noise's memory order (its strides are ctx.strides; empty_like makes it dense).
-        flat_noise = noise.as_strided((noise.numel(),), (1,))
-        # The noise is exactly 0.0 or 1.0: a nonzero bit pattern is a kept element, and the cast
-        # of an integer view to bool is vectorised where a 16-bit float comparison is not (30x).
-        kept = flat_noise.view(_SAME_SIZE_INT[noise.element_size()]).bool()
-        ctx.save_for_backward(pack_codes(kept.view(torch.uint8), 1))
-        return x * noise.div_(1 - p)
+        y, packed = dispatch(OP_NAME, x, _torch_bits_forward, native_launcher=_NATIVE_BITS_FORWARD)(x, noise, p)
+        ctx.save_for_backward(packed)
+        return y
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
@@ -135,21 +133,46 @@ def _regenerated_grad(ctx, grad_output: Tensor) -> Tensor:
         return grad_output * torch.dropout(ones, ctx.p, True)
 
 
+def _torch_bits_forward(x: Tensor, noise: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(``x * noise / (1 - p)`` as stock CPU dropout computes it, the noise's 1-bit mask in its memory order)."""
+    # Bits in the noise's memory order (its strides are ctx.strides; empty_like makes it dense).
+    flat_noise = noise.as_strided((noise.numel(),), (1,))
+    # The noise is exactly 0.0 or 1.0: a nonzero bit pattern is a kept element, and the cast
+    # of an integer view to bool is vectorised where a 16-bit float comparison is not (30x).
+    kept = flat_noise.view(_SAME_SIZE_INT[noise.element_size()]).bool()
+    packed = pack_codes(kept.view(torch.uint8), 1)
+    return x * noise.div_(1 - p), packed
+
+
+def kept_value(p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Stock CPU dropout's scaled mask value ``1 / (1 - p)``, rounded as its ``div_`` rounds it in ``dtype``."""
+    return torch.ones((), dtype=dtype, device=device).div_(1 - p)
+
+
 def _unpacked_grad(ctx, grad_output: Tensor) -> Tensor:
     (packed,) = ctx.saved_tensors
     numel = math.prod(ctx.shape)
     if ctx.device.type != "cpu":
         mask = unpack_codes(packed, 1, numel).view(torch.bool).as_strided(ctx.shape, ctx.strides)
         return torch.ops.aten.native_dropout_backward(grad_output, mask, 1.0 / (1.0 - ctx.p))
-    table = _mask_rows(ctx.p, ctx.dtype, ctx.device)
+    run = dispatch(OP_NAME, grad_output, _torch_bits_backward, native_launcher=_NATIVE_BITS_BACKWARD)
+    return run(grad_output, packed, ctx.p, ctx.dtype, ctx.shape, ctx.strides)
+
+
+def _torch_bits_backward(
+    grad_output: Tensor, packed: Tensor, p: float, dtype: torch.dtype, shape: torch.Size, strides: tuple[int, ...]
+) -> Tensor:
+    """``grad_output * scaled_mask`` from the 1-bit mask packed in the memory order ``strides``."""
+    numel = math.prod(shape)
+    table = _mask_rows(p, dtype, grad_output.device)
     width = table.shape[1]
     index = (packed if width == 8 else unpack_codes(packed, width, packed.numel() * 8 // width)).to(torch.int32)
-    if grad_output.dtype == ctx.dtype and grad_output.stride() == ctx.strides:
+    if grad_output.dtype == dtype and grad_output.stride() == strides:
         # The gradient is laid out as the mask was drawn (the usual case): in memory order, the
         # scaled mask values are gathered and applied chunk by chunk, never all at once.
         flat = multiply_gathered_rows(grad_output.as_strided((numel,), (1,)), table, index)
-        return flat.as_strided(ctx.shape, ctx.strides)
-    scaled_mask = gather_rows(table, index).view(-1)[:numel].as_strided(ctx.shape, ctx.strides)
+        return flat.as_strided(shape, strides)
+    scaled_mask = gather_rows(table, index).view(-1)[:numel].as_strided(shape, strides)
     return grad_output * scaled_mask
 
 

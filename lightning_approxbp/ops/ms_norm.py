@@ -34,6 +34,7 @@ from lightning_approxbp.ops.dispatch import dispatch
 
 OP_NAME = "ms_norm"
 _TRITON_KERNELS = "lightning_approxbp.ops.ms_norm_triton"
+_NATIVE_KERNELS = "lightning_approxbp.ops.ms_norm_native"
 DEFAULT_WEIGHT_CLAMP = 1e-4
 
 
@@ -172,7 +173,7 @@ def _ms_norm_backward(
         grad_weight = torch.zeros_like(weight) if weight is not None else torch.empty(0, device=y.device)
         grad_bias = torch.zeros_like(bias) if bias is not None else torch.empty(0, device=y.device)
         return torch.empty(y.shape, dtype=input_dtype, device=y.device), grad_weight, grad_bias
-    run = dispatch(OP_NAME, grad_output, _torch_backward, f"{_TRITON_KERNELS}:backward")
+    run = dispatch(OP_NAME, grad_output, _torch_backward, f"{_TRITON_KERNELS}:backward", f"{_NATIVE_KERNELS}:backward")
     return run(grad_output, y, rstd, weight, bias, centered, offset, weight_clamp, input_dtype)
 
 

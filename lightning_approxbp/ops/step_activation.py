@@ -40,6 +40,7 @@ from lightning_approxbp.tables import StepTable
 
 OP_NAME = "step_activation"
 _TRITON_KERNELS = "lightning_approxbp.ops.step_activation_triton"
+_NATIVE_KERNELS = "lightning_approxbp.ops.step_activation_native"
 
 
 def exact_activation(x: Tensor, activation: str) -> Tensor:
@@ -191,7 +192,7 @@ def _step_activation_forward(
     if x.numel() == 0:
         empty_codes = torch.empty(0, dtype=torch.uint8, device=x.device)
         return torch.empty_like(x), empty_codes, torch.zeros(1, dtype=torch.int32, device=x.device)
-    run = dispatch(OP_NAME, x, _torch_forward, f"{_TRITON_KERNELS}:forward")
+    run = dispatch(OP_NAME, x, _torch_forward, f"{_TRITON_KERNELS}:forward", f"{_NATIVE_KERNELS}:forward")
     return run(x, thresholds, activation, bits)
 
 
@@ -212,7 +213,7 @@ def _step_activation_backward(
     grad_output = grad_output.contiguous()
     if grad_output.numel() == 0:
         return torch.empty_like(grad_output)
-    run = dispatch(OP_NAME, grad_output, _torch_backward, f"{_TRITON_KERNELS}:backward")
+    run = dispatch(OP_NAME, grad_output, _torch_backward, f"{_TRITON_KERNELS}:backward", f"{_NATIVE_KERNELS}:backward")
     return run(grad_output, packed, nonfinite, levels, bits)
 
 

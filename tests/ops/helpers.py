@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_approxbp.ops.dispatch import triton_interpreter_enabled
+from lightning_approxbp.ops.native_cpu import native_available
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -17,3 +18,7 @@ requires_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or (TRITON_DEVICE == "cpu" and not triton_interpreter_enabled()),
     reason="needs Triton with CUDA or TRITON_INTERPRET=1",
 )
+
+requires_native = pytest.mark.skipif(not native_available(), reason="needs a C compiler for the native CPU kernels")
+# The CPU implementations every CPU op test runs on: the PyTorch path and the native kernels.
+CPU_BACKENDS = ["torch", pytest.param("native", marks=requires_native)]

@@ -12,7 +12,17 @@ from lightning_approxbp.nn import RegeneratedDropout
 from lightning_approxbp.ops import bitpack
 from lightning_approxbp.ops.dropout import regenerated_dropout, resolve_mask_storage
 from lightning_approxbp.saved_tensors import SavedTensorCounter
+from lightning_approxbp.ops import use_backend
 from tests.tolerances import IDENTICAL
+
+from .helpers import CPU_BACKENDS
+
+
+@pytest.fixture(autouse=True, params=CPU_BACKENDS)
+def cpu_backend(request):
+    """Every test runs on the PyTorch path and on the native CPU kernels."""
+    with use_backend(request.param):
+        yield request.param
 
 
 def _run(fn, x, grad, seed=0):

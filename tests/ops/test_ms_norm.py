@@ -17,7 +17,7 @@ from lightning_approxbp.ops.reference import (
 )
 from tests.tolerances import NORM_FROM_OUTPUT, NORM_FROM_OUTPUT_BOUNDED_GAMMA
 
-from .helpers import FLOAT_DTYPES, TRITON_DEVICE, requires_triton
+from .helpers import CPU_BACKENDS, FLOAT_DTYPES, TRITON_DEVICE, requires_triton
 
 
 def _reference_grads(x, y, grad, weight, bias, centered, offset=0.0):
@@ -49,13 +49,15 @@ def _torch_rms_norm(x, weight, eps, offset=0.0):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("centered", [True, False], ids=["layer_norm", "rms_norm"])
-def test_forward_and_backward_match_references(dtype, affine, centered):
+@pytest.mark.parametrize("rows", [10, 4096], ids=["few_rows", "threaded"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_forward_and_backward_match_references(dtype, affine, centered, rows, backend):
     n = 37
-    x = (torch.randn(2, 5, n) * 2 + 0.5).to(dtype).requires_grad_()
+    x = (torch.randn(rows, n) * 2 + 0.5).to(dtype).requires_grad_()
     weight = (torch.rand(n) + 0.5).to(dtype).requires_grad_() if affine else None
     bias = (torch.randn(n) * 0.1).to(dtype).requires_grad_() if affine and centered else None
-    grad = torch.randn(2, 5, n).to(dtype)
-    with use_backend("torch"):
+    grad = torch.randn(rows, n).to(dtype)
+    with use_backend(backend):
         if centered:
             y = AF.ms_layer_norm(x, n, weight, bias, eps=1e-5)
             expected = F.layer_norm(x.detach().float(), (n,), _f(weight), _f(bias), eps=1e-5).to(dtype)
@@ -68,11 +70,14 @@ def test_forward_and_backward_match_references(dtype, affine, centered):
     ref_dx, ref_dw, ref_db = _reference_grads(x, y, grad, weight, bias, centered)
     torch.testing.assert_close(grads[0], ref_dx.to(dtype))
     assert grads[0].dtype == dtype
+    # The affine gradients sum over the rows in fp32: over thousands of rows the summation order
+    # alone moves an fp32 result by more than fp32's default tolerance (2e-5 relative measured).
+    summed = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 and rows > 1000 else {}
     if affine:
-        torch.testing.assert_close(grads[1], ref_dw.to(dtype))
+        torch.testing.assert_close(grads[1], ref_dw.to(dtype), **summed)
         assert grads[1].dtype == dtype
     if bias is not None:
-        torch.testing.assert_close(grads[2], ref_db.to(dtype))
+        torch.testing.assert_close(grads[2], ref_db.to(dtype), **summed)
 
 
 def _f(t):

@@ -18,7 +18,7 @@ from lightning_approxbp.ops.reference import step_activation_backward
 from lightning_approxbp.tables import SUPPORTED_BITS, get_table
 from tests.tolerances import IDENTICAL, PAPER_CONSTRAINT_ABS
 
-from .helpers import FLOAT_DTYPES, TRITON_DEVICE, requires_triton
+from .helpers import CPU_BACKENDS, FLOAT_DTYPES, TRITON_DEVICE, requires_triton
 
 TORCH_FORWARD = {
     "gelu": F.gelu,
@@ -45,11 +45,12 @@ def test_pack_layout_is_lowest_bits_first():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
-def test_forward_exact_and_backward_is_step_formula(activation, dtype, bits):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_forward_exact_and_backward_is_step_formula(activation, dtype, bits, backend):
     table = get_table(activation, bits)
     x = (torch.randn(3, 37) * 3).to(dtype).requires_grad_()
     grad = torch.randn(3, 37).to(dtype)
-    with use_backend("torch"):
+    with use_backend(backend):
         y = AF.step_activation(x, activation, bits=bits)
         (dx,) = torch.autograd.grad(y, x, grad)
     torch.testing.assert_close(y, TORCH_FORWARD[activation](x.detach()), **IDENTICAL)
@@ -123,7 +124,7 @@ def test_integer_input_is_rejected_with_accepted_dtypes():
 
 
 NON_FINITE = [float("nan"), float("inf"), -float("inf")]
-BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+BACKENDS = [*CPU_BACKENDS, pytest.param("triton", marks=requires_triton)]
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
