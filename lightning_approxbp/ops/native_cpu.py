@@ -45,10 +45,14 @@ class NativeUnavailable(RuntimeError):
 
 
 def _torch_uses_libgomp() -> bool:
-    """Whether torch's OpenMP runtime is a loaded ``libgomp.so.1`` (so ours resolves to it)."""
+    """Whether torch's OpenMP runtime is a loaded ``libgomp.so.1`` (so ours resolves to it).
+
+    Some wheels ship it renamed (``libgomp-<hash>.so.1``): our dependency would then load a
+    second runtime whose idle threads spin against torch's, so the kernels are built serial.
+    """
     try:
         with open("/proc/self/maps") as maps:
-            return any("libgomp" in line for line in maps)
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in maps)
     except OSError:
         return False
 

@@ -127,3 +127,17 @@ def test_a_build_is_cached_and_reused(fresh_library):
     modified = first.stat().st_mtime_ns
     assert native_cpu._build(threaded=True) == first and first.stat().st_mtime_ns == modified
     assert [path.name for path in fresh_library.iterdir()] == [first.name]  # no scratch left behind
+
+
+def test_the_serial_build_gives_the_same_codes(fresh_library):
+    """Where torch's OpenMP runtime is not libgomp.so.1 the kernels are built without threads."""
+    import ctypes
+
+    serial = ctypes.CDLL(str(native_cpu._build(threaded=False)))
+    native_cpu._declare(serial)
+    x = (torch.randn(300_001) * 3).to(torch.bfloat16)
+    thresholds = get_table("gelu", 2).thresholds
+    bounds = step_activation_native.padded_thresholds(tuple(thresholds), 2)
+    packed = torch.empty((x.numel() + 3) // 4, dtype=torch.uint8)
+    serial.step_codes2_bf16(x.data_ptr(), x.numel(), bounds.data_ptr(), packed.data_ptr(), 2)
+    assert torch.equal(packed, pack_codes(step_activation.compute_codes(x, tuple(thresholds)), 2))
