@@ -83,6 +83,16 @@ def table_tensor(values: tuple[float, ...], device: torch.device, dtype: torch.d
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def in_plain_eager_mode() -> bool:
+    """Not compiling, and no function or dispatch mode (counters, tracers, fake tensors) active."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
+
+
+def is_plain_tensor(tensor: Tensor) -> bool:
+    """A tensor with memory behind it: not a subclass (fake, DTensor) and not on the meta device."""
+    return type(tensor) in _PLAIN_TENSOR_TYPES and tensor.device.type != "meta"
+
+
 def call_op(op: Callable[..., Any], implementation: Callable[..., Any], *args: Any) -> Any:
     """Call the ``torch.library`` custom ``op``, or, in plain eager mode, its ``implementation``.
 
@@ -91,10 +101,10 @@ def call_op(op: Callable[..., Any], implementation: Callable[..., Any], *args: A
     mode both give the same result, and the dispatcher's round trip costs ~30 us per call: about a
     tenth of a small model's CPU step, where a dozen ops run per block.
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+    if not in_plain_eager_mode():
         return op(*args)
     for arg in args:
-        if isinstance(arg, torch.Tensor) and (type(arg) not in _PLAIN_TENSOR_TYPES or arg.device.type == "meta"):
+        if isinstance(arg, torch.Tensor) and not is_plain_tensor(arg):
             return op(*args)
     return implementation(*args)
 

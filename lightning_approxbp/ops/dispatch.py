@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_approxbp.ops._utils import dtype_names
+from lightning_approxbp.ops._utils import dtype_names, in_plain_eager_mode, is_plain_tensor
 from lightning_approxbp.ops.native_cpu import NATIVE_DTYPES, library, native_available
 
 BACKENDS: tuple[str, ...] = ("auto", "triton", "native", "torch")
@@ -86,13 +86,10 @@ def selected_backend() -> str:
     return _validate_backend(os.environ.get(BACKEND_ENV_VAR, "auto"))
 
 
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
 def _resolve_native(tensor: Tensor, forced: bool) -> str:
     # The kernels read and write memory: fake, meta and subclass tensors (memory simulation,
-    # tracing, DTensor) and compilation take the PyTorch path, which they can all run.
-    if type(tensor) not in _PLAIN_TENSOR_TYPES or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    # tracing, DTensor), active modes and compilation take the PyTorch path, which they can all run.
+    if not (in_plain_eager_mode() and is_plain_tensor(tensor)):
         return "torch"
     if tensor.device.type != "cpu" or tensor.dtype not in NATIVE_DTYPES:
         return "torch"
